@@ -1,0 +1,128 @@
+"""What every classifier of the project shares: metrics, metric names, optimiser wiring, the non-finite-loss guard,
+and the interface interpretation callbacks rely on (`probe_layers`, `class_scores`, `unit_contributions`)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning import LightningModule
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from models.errors import ConfigError
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN/inf; the last good checkpoint on disk is kept untouched."""
+
+
+class ClassifierModule(LightningModule):
+    """Base LightningModule of every classifier.
+
+    Subclasses build the network in __init__ and implement `forward(x) -> logits`. They may override
+    `compute_loss(outputs, y, stage)` (extra loss terms, logged as `{stage}/<name>`), `parameter_groups()` and
+    `probe_layers()`.
+    """
+
+    #: name of the layer interpretation callbacks probe when none is configured
+    default_probe_layer: str = ""
+
+    def __init__(self, num_classes: int, channels: int = 3, image_size: int = 64,
+                 optimizer: Callable | None = None, scheduler: Callable | None = None,
+                 scheduler_interval: str = "epoch"):
+        super().__init__()
+        if int(num_classes) < 2:
+            raise ConfigError(f"model.num_classes={num_classes}: a classifier needs at least 2 classes")
+        self.num_classes, self.channels, self.image_size = int(num_classes), int(channels), int(image_size)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.train_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+
+    # ----- what interpretation callbacks use -------------------------------------------------------------------
+    def probe_layers(self) -> "OrderedDict[str, nn.Module]":
+        """Layers interpretation callbacks may hook, by name, in forward order."""
+        backbone = getattr(self, "backbone", None)
+        return OrderedDict(backbone.probe_layers) if backbone is not None else OrderedDict()
+
+    def get_probe_layer(self, name: str | None = None) -> nn.Module:
+        layers = self.probe_layers()
+        name = name or self.default_probe_layer or next(reversed(layers), None)
+        if name not in layers:
+            raise ConfigError(f"layer {name!r} is not a probe layer of {type(self).__name__}; "
+                              f"available: {', '.join(layers) or '(none)'}")
+        return layers[name]
+
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-class scores that decisions and attributions are about (logits; capsule lengths for CapsNet)."""
+        return self(x)
+
+    def unit_contributions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For models whose decision is a sum over units: (unit activations [B, D], class weights [K, D]), so that
+        the evidence of unit j for class c is activation[:, j] * weight[c, j]. None where it does not apply."""
+        return None
+
+    # ----- training ---------------------------------------------------------------------------------------------
+    def compute_loss(self, outputs: Any, y: torch.Tensor, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return F.cross_entropy(outputs, y), {}
+
+    def logits_from_outputs(self, outputs: Any) -> torch.Tensor:
+        return outputs
+
+    def model_step(self, batch, stage: str):
+        x, y = batch[0], batch[1]
+        outputs = self(x)
+        loss, terms = self.compute_loss(outputs, y, stage)
+        return loss, terms, self.logits_from_outputs(outputs), y
+
+    def training_step(self, batch, batch_idx):
+        loss, terms, logits, y = self.model_step(batch, "train")
+        self.check_finite(loss)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test", self.test_acc)
+
+    def _eval_step(self, batch, stage: str, metric: MulticlassAccuracy):
+        loss, terms, logits, y = self.model_step(batch, stage)
+        metric(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # every rank must stop together, or the healthy ranks would wait forever in the next all-reduce
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLossError(
+                f"train/loss became non-finite ({loss.item()}) at epoch {self.current_epoch}, step "
+                f"{self.global_step}; training stopped and the last good checkpoint "
+                f"(checkpoints/last.ckpt) is kept. Lower the learning rate (model.optimizer.lr) or check the data.")
+
+    # ----- optimisation ---------------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict] | Any:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        optimizer = factory(params=self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": "val/loss"}}

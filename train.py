@@ -1,0 +1,27 @@
+"""Train one model: `python train.py model=protopnet datamodule=shapes trainer=ddp_cpu logger=csv ...`
+
+Everything is built from conf/ (see README); the run folder gets the resolved config, metrics.json, checkpoints,
+interpretation results and the W&B run's files.
+"""
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from utils.pipeline import optimized_value, train  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return optimized_value(cfg, metrics)
+
+
+if __name__ == "__main__":
+    main()

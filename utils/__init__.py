@@ -1,0 +1,1 @@
+"""Small pieces the entry points share: W&B offline handling, atomic checkpoints, config checks, run files."""

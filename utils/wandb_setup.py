@@ -1,0 +1,70 @@
+"""Decide, before any WandbLogger exists, whether W&B runs online or offline.
+
+W&B must never prompt for a login nor wait on the network: with no credentials (or no route to the server) the run
+is written offline into the run folder and one line says how to upload it later with `wandb sync`.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+from pathlib import Path
+
+WANDB_HOST = "api.wandb.ai"
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC", str(Path.home() / ".netrc")))
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    base = os.environ.get("WANDB_BASE_URL", f"https://{WANDB_HOST}").split("://")[-1].split("/")[0]
+    return rc.authenticators(base) is not None
+
+
+def server_reachable(timeout: float = 2.0) -> bool:
+    base = os.environ.get("WANDB_BASE_URL", f"https://{WANDB_HOST}").split("://")[-1].split("/")[0]
+    host, _, port = base.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def configure_wandb(run_dir: str | Path, check_network: bool = True) -> str:
+    """Set W&B's environment for this process and return the mode ("online", "offline" or "disabled").
+
+    An explicit WANDB_MODE from the user is respected. Files (run, cache, artifacts) go below the run folder so the
+    folder is self-contained and tests never write into the home directory.
+    """
+    run_dir = Path(run_dir)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    os.environ["WANDB_DIR"] = str(run_dir)
+    os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / ".cache"))
+    os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb" / ".data"))
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return "disabled" if mode == "disabled" else "offline"
+    online = has_wandb_credentials() and (not check_network or server_reachable())
+    os.environ["WANDB_MODE"] = "online" if online else "offline"
+    return os.environ["WANDB_MODE"]
+
+
+def sync_hint(run_dir: str | Path) -> str:
+    return (f"W&B: no credentials or no network, so this run is logged offline under {Path(run_dir) / 'wandb'}. "
+            f"Upload it later with: wandb sync {Path(run_dir) / 'wandb'}/offline-run-*")
+
+
+def finish_wandb() -> None:
+    """Close the active W&B run, if any, so the next job in this process starts its own (WandbLogger reuses it)."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return
+    if wandb.run is not None:
+        wandb.finish()
