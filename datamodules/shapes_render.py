@@ -150,7 +150,7 @@ def render(index: int, seed: int, size: int = 64, mask_size: int | None = None, 
         a, b = _object_frame(xx, yy, cx, cy, radius, degrees)
         inside, parts = _shape_masks(shape, a, b)
         base = _jitter(RGB[color], rng, 20)
-        fill = np.where(_pattern(texture, xx, yy, rng)[..., None], base * 0.6, base)
+        fill = np.where(_pattern(texture, xx, yy, rng)[..., None], base * 0.7, base)
         pixels[inside] = fill[inside]
         obj_map[inside] = CONCEPT_ID[shape]
         color_map[inside] = CONCEPT_ID[color]
