@@ -195,22 +195,26 @@ class BaseDataModule(pl.LightningDataModule):
         if self._sources is not None:
             return
         sources, class_names = self._load()
+        self._check_config("num_classes", len(class_names))
         for split in SPLITS:
             if split not in sources or len(sources[split]) == 0:
                 raise DataError(f"the {split} split of {self._where()} is empty; check the data folder "
-                                f"(and the split options such as val_fraction)")
+                                f"(and split options such as val_fraction, test_fraction)")
         c, h, w = sources["train"][0][0].shape
         found = {"num_classes": len(class_names), "channels": c, "image_size": h if h == w else (h, w)}
-        for key, value in found.items():
-            asked = self._requested[key]
-            if asked is not None and asked != value:
-                raise DataError(f"datamodule.{key}={asked} but the data in {self._where()} has {key}={value}; "
-                                f"set datamodule.{key}={value} (the models read ${{datamodule.{key}}})")
+        self._check_config("channels", c)
+        self._check_config("image_size", found["image_size"])
         self.num_classes, self.channels, self.image_size = found["num_classes"], c, found["image_size"]
         if len(self.mean) != c:
             self._set_stats(c)
         self.class_names = list(class_names)
         self._sources = sources
+
+    def _check_config(self, key: str, value):
+        asked = self._requested[key]
+        if asked is not None and asked != value:
+            raise DataError(f"datamodule.{key}={asked} but the data in {self._where()} has {key}={value}; "
+                            f"set datamodule.{key}={value} (the models read ${{datamodule.{key}}})")
 
     def _source(self, split: str) -> Dataset:
         if split not in SPLITS:

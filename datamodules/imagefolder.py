@@ -1,7 +1,8 @@
 """`imagefolder`: any class-per-folder tree, ``<data_dir>/train/<class>/<image>``, with optional ``val/`` and
 ``test/`` trees of the same form. A missing val or test tree is carved from train (stratified, fixed by `seed`: test
 first with test_fraction, then val with val_fraction). Class indices follow the sorted folder names of train/.
-Images are converted to `channels` (1: grey, 3: RGB) and resized to image_size x image_size."""
+val_fraction=0 without a val/ tree validates on the test images. Images are converted to `channels`
+(1: grey, 3: RGB) and resized to image_size x image_size."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,4 +73,6 @@ class ImageFolderDataModule(BaseDataModule):
                 trees[split] = source([paths[k] for k in idx[carved]], labels[idx[carved]])
                 idx = idx[keep]
         trees["train"] = source([paths[k] for k in idx], labels[idx])
+        if self.val_fraction == 0 and not (self.data_dir / "val").is_dir():
+            trees["val"] = trees["test"]  # as in the other data modules: val_fraction=0 validates on test
         return trees, classes

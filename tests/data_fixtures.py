@@ -80,7 +80,7 @@ def write_cub(root: Path, n_classes: int = 3, per_class: int = 4, size=(48, 40))
             x, y, bw, bh = box
             arr[y:y + bh, x:x + bw] = (255, 0, 0)
             rel = f"{cdir}/Bird_{c}_{k:04d}.jpg"
-            Image.fromarray(arr).save(base / "images" / rel, quality=100)
+            Image.fromarray(arr).save(base / "images" / rel, quality=100, subsampling=0)
             info[image_id] = (rel, c, box, int(k not in (1, 3)))
     lines = {
         "images.txt": [f"{i} {v[0]}" for i, v in info.items()],
