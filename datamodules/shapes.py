@@ -123,6 +123,7 @@ class ShapesDataModule(BaseDataModule):
         self.hint = regenerate_hint(self.folder)
         self.probe_size, self.workers = probe_size, workers
         self.class_concepts = shapes_render.class_concepts()
+        self._probes: dict[str, ShapesProbe] = {}
 
     def _where(self):
         return str(self.folder)
@@ -166,6 +167,10 @@ class ShapesDataModule(BaseDataModule):
         return torch.from_numpy(images), torch.from_numpy(labels)
 
     def probe_dataset(self, split: str = "val") -> ShapesProbe:
-        self.prepare_data()
-        return ShapesProbe(self.folder, split, mean=self.mean, std=self.std, limit=self.probe_size, cache=True,
-                           hint=self.hint)
+        """The probe set of a split; one object per split, so its in-memory cache of decoded items lasts across
+        epochs."""
+        if split not in self._probes:
+            self.prepare_data()
+            self._probes[split] = ShapesProbe(self.folder, split, mean=self.mean, std=self.std,
+                                              limit=self.probe_size, cache=True, hint=self.hint)
+        return self._probes[split]

@@ -128,6 +128,7 @@ def test_landmarks_lie_inside_their_part_masks(probe_items, dm):
 
 def test_probe_batches_collate(dm):
     ds = dm.probe_dataset("test")
+    assert dm.probe_dataset("test") is ds  # one object per split: its decoded-item cache survives epochs
     batch = next(iter(DataLoader(ds, batch_size=12)))
     assert batch["image"].shape == (12, 3, 64, 64) and batch["raw"].shape == (12, 3, 64, 64)
     assert batch["seg"].shape == (12, 4, 64, 64) and batch["seg"].dtype == torch.long
@@ -190,8 +191,9 @@ def test_config_mismatch_names_the_option(dm):
 
 
 def test_generation_speed_sanity(tmp_path):
-    params = dict(seed=0, image_size=64, mask_size=None, distractor_prob=0.7, n_train=200, n_val=0, n_test=0)
+    params = dict(seed=0, image_size=64, mask_size=None, distractor_prob=0.7, n_train=100, n_val=0, n_test=0)
     start = time.perf_counter()
     generate_folder(tmp_path / "s", params, workers=1)
-    # ~2 ms per image on one core; the budget is 10k images in under a minute on 2 cores.
-    assert time.perf_counter() - start < 6.0
+    # ~2 ms per image on one idle core (the budget: 10k images in under a minute on 2 cores); the bound leaves
+    # room for a machine shared with other jobs.
+    assert time.perf_counter() - start < 5.0
