@@ -8,7 +8,8 @@ vocabulary and the drawing.
 Generated once per parameter set into ``<data_dir>/shapes-<hash>/`` (written into a temporary folder and renamed, so
 a killed generation leaves no half data set). Besides the Broden tables the folder holds classes.csv (each class's
 defining concepts), landmarks.csv (image, part, x, y: the centre of each visible part of the main object, in image
-pixel coordinates, x = column, y = row) and generation.json. The first setup() decodes each split once into
+pixel-index coordinates, x = column, y = row, so pixel [round(y), round(x)] lies on the part; independent of
+mask_size) and generation.json. The first setup() decodes each split once into
 decoded_<split>.npz (uint8), so training never decodes PNGs.
 """
 from __future__ import annotations
