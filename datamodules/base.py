@@ -201,10 +201,10 @@ class BaseDataModule(pl.LightningDataModule):
                 raise DataError(f"the {split} split of {self._where()} is empty; check the data folder "
                                 f"(and split options such as val_fraction, test_fraction)")
         c, h, w = sources["train"][0][0].shape
-        found = {"num_classes": len(class_names), "channels": c, "image_size": h if h == w else (h, w)}
+        size = h if h == w else (h, w)
         self._check_config("channels", c)
-        self._check_config("image_size", found["image_size"])
-        self.num_classes, self.channels, self.image_size = found["num_classes"], c, found["image_size"]
+        self._check_config("image_size", size)
+        self.num_classes, self.channels, self.image_size = len(class_names), c, size
         if len(self.mean) != c:
             self._set_stats(c)
         self.class_names = list(class_names)

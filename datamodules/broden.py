@@ -219,7 +219,7 @@ class BrodenDataset(Dataset):
         columns = set(rows[0]) if rows else set()
         self.category_names = [c for c in self._category_file_names if c in columns]
         # L is taken over the whole folder, so every split of it collates to the same shape.
-        self.max_maps = max((self._count_maps(r) for r in rows), default=0)
+        self.max_maps = max((len(self._cell_items(r)[1]) for r in rows), default=0)
         if split is not None:
             available = sorted({r["split"] for r in rows})
             rows = [r for r in rows if r["split"] == split]
@@ -266,9 +266,17 @@ class BrodenDataset(Dataset):
                 self.concept_names[i] = r["name"]
                 self.concept_categories[i] = parse_category_cell(r["category"])
 
-    def _count_maps(self, row) -> int:
-        return sum(1 for c in self._category_file_names for item in (row.get(c) or "").split(";")
-                   if item and not item.strip().isdigit())
+    def _cell_items(self, row) -> tuple[list[int], list[str]]:
+        """(image-level label ids, label-map paths) of an index row, in category order."""
+        ids, paths = [], []
+        for cat in self._category_file_names:
+            for item in (row.get(cat) or "").split(";"):
+                item = item.strip()
+                if item.isdigit():
+                    ids.append(int(item))
+                elif item:
+                    paths.append(item)
+        return ids, paths
 
     # --- public description ---
     @property
@@ -296,22 +304,12 @@ class BrodenDataset(Dataset):
                            hint=f"it is listed in {self.root / 'index.csv'}. To fix: {self.hint}")
         sh, sw = self.seg_size
         seg = np.zeros((self.max_maps, sh, sw), dtype=np.int32)
-        image_labels = []
-        k = 0
-        for cat in self.category_names:
-            for item in (row.get(cat) or "").split(";"):
-                item = item.strip()
-                if not item:
-                    continue
-                if item.isdigit():
-                    image_labels.append(int(item))
-                    continue
-                path = self.root / "images" / item
-                m = read_label_png(path, self.hint)
-                if m.shape != (sh, sw):
-                    m = np.asarray(Image.fromarray(m.astype(np.int32)).resize((sw, sh), Image.NEAREST))
-                seg[k] = m
-                k += 1
+        image_labels, paths = self._cell_items(row)
+        for k, item in enumerate(paths):
+            m = read_label_png(self.root / "images" / item, self.hint)
+            if m.shape != (sh, sw):
+                m = np.asarray(Image.fromarray(m.astype(np.int32)).resize((sw, sh), Image.NEAREST))
+            seg[k] = m
         bad = [c for c in image_labels if not 0 < c <= self.num_concepts]
         if bad or (seg.size and seg.max() > self.num_concepts):
             raise DataError(f"{row['image']} in {self.root / 'index.csv'} uses concept ids "

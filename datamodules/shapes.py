@@ -143,13 +143,16 @@ class ShapesDataModule(BaseDataModule):
         with open(self.folder / "classes.csv", newline="") as f:
             class_names = [r["name"] for r in csv.DictReader(f)]
         self.class_concepts = read_class_concepts(self.folder, self.hint)
-        return {split: TensorImages(*self._decoded(split)) for split in ("train", "val", "test")}, class_names
-
-    def _decoded(self, split: str):
-        """uint8 [N, 3, H, W] images and labels of a split, decoded once and cached in decoded_<split>.npz."""
-        cache = self.folder / f"decoded_{split}.npz"
         with open(self.folder / "index.csv", newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["split"] == split]
+            rows = list(csv.DictReader(f))
+        sources = {split: TensorImages(*self._decoded(split, [r for r in rows if r["split"] == split]))
+                   for split in ("train", "val", "test")}
+        return sources, class_names
+
+    def _decoded(self, split: str, rows: list[dict]):
+        """uint8 [N, 3, H, W] images and labels of a split's index rows, decoded once and cached in
+        decoded_<split>.npz."""
+        cache = self.folder / f"decoded_{split}.npz"
         if cache.exists():
             try:
                 with np.load(cache) as z:
