@@ -124,11 +124,11 @@ def explain(model, x: torch.Tensor, top: int = 3) -> dict[str, torch.Tensor]:
     sim = maps.flatten(2).max(dim=2).values          # = similarity of the min distance (monotone decreasing)
     logits = model.last_layer(sim)
     pred = logits.argmax(dim=1)
-    contribution = sim * model.last_layer.weight[pred]  # [n, m]
-    contrib, order = contribution.topk(min(top, sim.shape[1]), dim=1)
+    weight = model.last_layer.weight[pred]              # [n, m]
+    contrib, order = (sim * weight).topk(min(top, sim.shape[1]), dim=1)
     return {"pred": pred, "logits": logits, "prototypes": order, "contribution": contrib,
-            "similarity": sim.gather(1, order), "weight": model.last_layer.weight[pred][:, None].expand_as(
-                sim).gather(1, order), "maps": maps[torch.arange(len(x))[:, None], order]}
+            "similarity": sim.gather(1, order), "weight": weight.gather(1, order),
+            "maps": maps[torch.arange(len(x))[:, None], order]}
 
 
 def render_explanation(image01: torch.Tensor, label: int, expl: dict[str, torch.Tensor], i: int,
