@@ -8,8 +8,8 @@ only schedules (end of every epoch that began with a push), shards, reduces, ren
 Quality metrics (computed on the probe set's segmentation maps, at the centre pixel of each feature cell):
 - purity: for each prototype, the largest share of its k nearest probe patches lying on one same pixel concept
   (PIP-Net's purity with exact masks instead of part annotations); also per concept category;
-- class_object_hit_rate: share of pushed prototypes whose source patch lies on the object of the prototype's class
-  (every defining concept of the class present at the patch centre);
+- class_object_hit_rate: share of pushed prototypes whose source patch (high-activation box) lies on the object of
+  the prototype's class (half the box on the object, or half the object in the box);
 - unique_sources: distinct source images after push (collapsed prototypes share one);
 - last_layer_sparsity: share of last-layer weights with |w| <= 1e-3 max|w|.
 """
@@ -198,19 +198,29 @@ def purity(nearest: NearestPatches, centre_labels: torch.Tensor, num_concepts: i
     return share.max(dim=1).values if share.shape[1] else torch.zeros(share.shape[0])
 
 
-def class_object_hits(result: PushResult, centre_labels: torch.Tensor, class_concepts: dict[int, list[int]],
-                      num_concepts: int) -> torch.Tensor:
-    """[m] 1 where the prototype's source patch lies on every defining concept of its class, 0 where not, NaN where
-    the source image is outside the probe set or the prototype was not pushed."""
+def class_object_hits(result: PushResult, source_segs: dict[int, torch.Tensor], class_concepts: dict[int, list[int]],
+                      seg_size: tuple[int, int]) -> torch.Tensor:
+    """[m] 1 where the prototype's source patch lies on the object of its class, 0 where not, NaN where the source
+    image has no masks here or the prototype was not pushed. The object = pixels carrying every defining concept of
+    the class (in any of the label maps); the patch = the high-activation box; it lies on the object when at least
+    half of the box is object or at least half of the object is inside the box."""
     out = torch.full((result.prototypes.shape[0],), float("nan"))
-    ok = result.pushed & (result.image_index >= 0) & (result.image_index < centre_labels.shape[0])
-    if not ok.any():
-        return out
-    hot = concepts_at_patches(centre_labels, result.image_index[ok], result.position[ok], num_concepts)
-    need = torch.zeros(int(ok.sum()), num_concepts + 1, dtype=torch.bool)
-    for r, c in enumerate(result.classes[ok].tolist()):
-        need[r, class_concepts.get(c, [])] = True
-    out[ok] = ((hot | ~need).all(dim=1) & need.any(dim=1)).float()
+    sy, sx = seg_size[0] / result.image_size, seg_size[1] / result.image_size
+    for j in range(result.prototypes.shape[0]):  # m small masks, once per push: not a hot path
+        idx = int(result.image_index[j])
+        if not bool(result.pushed[j]) or idx not in source_segs:
+            continue
+        seg = source_segs[idx]                                            # [L, sh, sw]
+        need = class_concepts.get(int(result.classes[j]), [])
+        if not need:
+            continue
+        obj = torch.stack([(seg == c).any(dim=0) for c in need]).all(dim=0)
+        y0, y1, x0, x1 = result.high_activation_box[j].tolist()
+        y0, y1 = int(y0 * sy), max(int(y0 * sy) + 1, round(y1 * sy))
+        x0, x1 = int(x0 * sx), max(int(x0 * sx) + 1, round(x1 * sx))
+        inside = float(obj[y0:y1, x0:x1].sum())
+        box_area, obj_area = (y1 - y0) * (x1 - x0), float(obj.sum())
+        out[j] = float(obj_area > 0 and (inside >= 0.5 * box_area or inside >= 0.5 * obj_area))
     return out
 
 
@@ -324,7 +334,9 @@ class PrototypeCallback(InterpretationCallback):
                 out[f"purity_{cat}"] = float(purity(nearest, centre_labels, num_concepts, ids)[active].mean())
         class_concepts = getattr(base, "class_concepts", None)
         if class_concepts and self.probe_split == "train":  # push sources index the train split
-            hits = class_object_hits(result, centre_labels, class_concepts, num_concepts)
+            sources = [int(i) for i in result.image_index[result.pushed].unique().tolist() if int(i) < len(probe)]
+            segs = {i: torch.as_tensor(probe[i]["seg"]) for i in sources}
+            hits = class_object_hits(result, segs, class_concepts, tuple(base.seg_size))
             hits = hits[active & ~hits.isnan()]
             if len(hits):
                 out["class_object_hit_rate"] = float(hits.mean())

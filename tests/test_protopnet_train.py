@@ -204,13 +204,18 @@ def test_gallery_and_quality_on_ground_truth(tmp_path):
     records = json.loads((out / "prototypes.json").read_text())["prototypes"]
     assert len(records) == model.num_prototypes and all(r["pushed"] for r in records)
     quality = json.loads((out / "quality.json").read_text())
-    # recompute the hit rate from the masks independently: the centre pixel of the source patch's feature cell
-    # lies on the square of the prototype's colour (class c = concept c + 1)
+    # recompute the hit rate from the masks independently: the high-activation box of the source image holds at
+    # least half of the square of the prototype's colour, or is at least half that square
     _, _, seg = dm.splits["train"]
-    cell = SIZE / model.last_push.activation.shape[-1]
-    hits = [int(seg[r["source_index"], 0, int((r["position"][0] + 0.5) * cell),
-                    int((r["position"][1] + 0.5) * cell)]) == r["class"] + 1 for r in records]
+    hits = []
+    for r in records:
+        y0, y1, x0, x1 = r["high_activation_box"]
+        square = seg[r["source_index"], 0] == r["class"] + 1
+        inside = int(square[y0:y1, x0:x1].sum())
+        hits.append(inside >= 0.5 * (y1 - y0) * (x1 - x0) or inside >= 0.5 * int(square.sum()))
     assert quality["class_object_hit_rate"] == pytest.approx(sum(hits) / len(hits))
+    # the classes are told apart by the squares alone: the prototypes must look at them
+    assert quality["class_object_hit_rate"] >= 0.8, quality
     assert 0 <= quality["purity"] <= 1 and quality["unique_sources"] == len({r["source_index"] for r in records})
     assert cb.last_metrics["interp/prototypes/class_object_hit_rate"] == quality["class_object_hit_rate"]
     for r in records:  # the recorded boxes hold the source patch
@@ -231,9 +236,16 @@ def test_quality_metrics_hand_computed():
     assert purity(near, centre, 3, [2]).tolist() == [0.25, 0.25]
     result = PushResult(prototypes=torch.zeros(3, 1), pushed=torch.tensor([True, True, False]),
                         classes=torch.tensor([0, 1, 1]), image_index=torch.tensor([1, 1, -1]),
-                        position=torch.tensor([[1, 0], [0, 0], [-1, -1]]), distance=torch.zeros(3),
+                        position=torch.zeros(3, 2, dtype=torch.long), distance=torch.zeros(3),
                         activation=torch.zeros(3, 2, 2), receptive_field=torch.zeros(3, 4, dtype=torch.long),
-                        high_activation_box=torch.zeros(3, 4, dtype=torch.long), image_size=4)
-    hits = class_object_hits(result, centre, {0: [3], 1: [3]}, 3)
-    assert hits[:2].tolist() == [1.0, 0.0] and hits[2].isnan()
+                        high_activation_box=torch.tensor([[0, 4, 0, 4], [0, 2, 0, 2], [0, 1, 0, 1]]), image_size=8)
+    seg = torch.zeros(2, 4, 4, dtype=torch.long)  # masks at half the image resolution
+    seg[0, :2, :] = 3      # object concept 3 on the top half
+    seg[1, :, :1] = 2      # colour concept 2 on the left column
+    # class 0 = concept 3: box (whole 4x4 seg) holds the whole object -> hit;
+    # class 1 = concepts 3 AND 2: object = 2 pixels, box = top-left 1x1 seg pixel holds half of it -> hit
+    hits = class_object_hits(result, {1: seg}, {0: [3], 1: [3, 2]}, (4, 4))
+    assert hits[:2].tolist() == [1.0, 1.0] and hits[2].isnan()
+    hits = class_object_hits(result, {1: seg}, {0: [2, 1], 1: [1]}, (4, 4))  # concept 1 absent: no object
+    assert hits[:2].tolist() == [0.0, 0.0]
     assert last_layer_sparsity(torch.tensor([[1.0, 0.0], [-0.5, 1e-4]])) == 0.5
