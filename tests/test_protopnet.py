@@ -220,6 +220,8 @@ def test_bad_config_names_the_option(kwargs, option):
         tiny_model(**kwargs)
 
 
-def test_final_push_needs_room():
-    with pytest.raises(ConfigError, match="trainer.max_epochs"):
-        ProtoPNetSchedule(last_layer_epochs=5).plan(5)
+def test_short_runs_shrink_the_final_block():
+    with pytest.warns(UserWarning, match="trainer.max_epochs=3"):
+        assert ProtoPNetSchedule(warm_epochs=2, last_layer_epochs=3).plan(3) == (["warm", "warm", "last_layer"], {2})
+    with pytest.warns(UserWarning, match="too short for a push"):
+        assert ProtoPNetSchedule(last_layer_epochs=3).plan(1) == (["warm"], set())
