@@ -163,7 +163,7 @@ class ProtoPNet(ClassifierModule):
                  schedule: Mapping[str, Any] | None = None, phase_lrs: Mapping[str, Mapping[str, float]] | None = None,
                  weight_decay: Mapping[str, float] | None = None, optimizer: Callable | None = None,
                  joint_scheduler: Callable | None = None, freeze_batchnorm: bool = False, push_batch_size: int = 75,
-                 prune: Mapping[str, Any] | None = None, **kwargs):
+                 prune: Mapping[str, Any] | None = None, select_pushed_checkpoints: bool = True, **kwargs):
         super().__init__(num_classes=num_classes, channels=channels, image_size=image_size, optimizer=optimizer,
                          scheduler=joint_scheduler, **kwargs)
         self.save_hyperparameters(logger=False)
@@ -198,6 +198,7 @@ class ProtoPNet(ClassifierModule):
         self.freeze_batchnorm = bool(freeze_batchnorm)
         self.push_batch_size = int(push_batch_size)
         self.prune_cfg = {"enabled": False, "k": 6, "min_own_class": 3, **dict(prune or {})}
+        self.select_pushed_checkpoints = bool(select_pushed_checkpoints)
 
         self.backbone = build_backbone(backbone, channels, image_size, pretrained=pretrained, widths=widths,
                                        min_feature_size=MIN_FEATURE_SIZE)
@@ -369,6 +370,29 @@ class ProtoPNet(ClassifierModule):
             schedulers = self.lr_schedulers() if self.scheduler_factory is not None else None
             for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
                 scheduler.step()
+
+    # ----- checkpoint selection ---------------------------------------------------------------------------------
+    @property
+    def prototypes_projected(self) -> bool:
+        """True while the prototypes are the patches of the latest push (only the last layer trains after it)."""
+        return self.phase == "last_layer" and bool(self.push_history)
+
+    def configure_callbacks(self):
+        """The best checkpoint (the one train.py tests) must have projected prototypes, or its gallery and its
+        accuracy would describe different models: a checkpoint callback on val/acc is switched to val/acc_pushed
+        (val/acc in epochs after a push, 0 otherwise). Off with model.select_pushed_checkpoints=false."""
+        from pytorch_lightning.callbacks import ModelCheckpoint
+        if self.select_pushed_checkpoints and self.schedule.push and self._trainer is not None:
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/acc":
+                    cb.monitor = "val/acc_pushed"
+        return []
+
+    def on_validation_epoch_end(self) -> None:
+        if self.select_pushed_checkpoints and not self.trainer.sanity_checking:
+            # compute() already reduces over ranks; identical everywhere
+            value = self.val_acc.compute() if self.prototypes_projected else torch.zeros((), device=self.device)
+            self.log("val/acc_pushed", value, on_step=False, on_epoch=True, sync_dist=False)
 
     def on_train_end(self) -> None:
         for p in self.parameters():  # leave a normal module behind (callbacks, tests, notebooks)
