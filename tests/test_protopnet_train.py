@@ -252,3 +252,30 @@ def test_quality_metrics_hand_computed():
     hits = class_object_hits(result, {1: seg}, {0: [2, 1], 1: [1]}, (4, 4))  # concept 1 absent: no object
     assert hits[:2].tolist() == [0.0, 0.0]
     assert last_layer_sparsity(torch.tensor([[1.0, 0.0], [-0.5, 1e-4]])) == 0.5
+
+
+def _ddp_fit(rank, world_size, root):
+    # the process group exists already (tests/ddp_utils) and RANK/LOCAL_RANK are set: Lightning joins it as an
+    # externally launched DDP job, the same code path as `train.py trainer=ddp_cpu`
+    model = toy_model(schedule=dict(warm_epochs=1, push_start=10, push_every=10, last_layer_epochs=1))
+    tr = pl.Trainer(max_epochs=3, accelerator="cpu", devices=world_size, strategy="ddp", logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    default_root_dir=root, enable_checkpointing=False)
+    tr.fit(model, datamodule=ToyData())
+    return {"prototypes": model.prototype_vectors.detach().clone(), "backbone": [p.detach().clone() for p in
+                                                                                 model.backbone.parameters()],
+            "last_layer": model.last_layer.weight.detach().clone(), "phases": model.phase_history,
+            "pushes": [h["epoch"] for h in model.push_history], "source": model.last_push.image_index,
+            "position": model.last_push.position}
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_schedule_and_push_under_ddp(tmp_path):
+    from tests.ddp_utils import run_ddp
+    r0, r1 = run_ddp(_ddp_fit, 2, args=(str(tmp_path),), timeout_s=300)
+    assert [h["phase"] for h in r0["phases"]] == ["warm", "joint", "last_layer"] and r0["pushes"] == [2]
+    for key in ("prototypes", "last_layer", "source", "position"):
+        assert torch.equal(r0[key], r1[key]), key  # every rank ends with identical prototypes and weights
+    assert all(torch.equal(a, b) for a, b in zip(r0["backbone"], r1["backbone"]))
+    assert r0["phases"] == r1["phases"]
