@@ -279,3 +279,9 @@ def test_schedule_and_push_under_ddp(tmp_path):
         assert torch.equal(r0[key], r1[key]), key  # every rank ends with identical prototypes and weights
     assert all(torch.equal(a, b) for a, b in zip(r0["backbone"], r1["backbone"]))
     assert r0["phases"] == r1["phases"]
+
+
+def test_class_count_must_match_the_data(tmp_path):
+    from models.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"model\.num_classes=4"):
+        trainer(tmp_path, 1).fit(toy_model(num_classes=4), datamodule=ToyData())
