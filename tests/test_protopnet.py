@@ -225,3 +225,20 @@ def test_short_runs_shrink_the_final_block():
         assert ProtoPNetSchedule(warm_epochs=2, last_layer_epochs=3).plan(3) == (["warm", "warm", "last_layer"], {2})
     with pytest.warns(UserWarning, match="too short for a push"):
         assert ProtoPNetSchedule(last_layer_epochs=3).plan(1) == (["warm"], set())
+
+
+def test_pruning_follows_the_nearest_patch_rule():
+    model = tiny_model(prune={"enabled": True, "k": 6, "min_own_class": 3})
+    batches, x, y = toy_batches(n=15)
+    with torch.no_grad():
+        d = model.distances(model.prototype_features(x)).flatten(2).min(dim=2).values  # [N, m]
+    nearest = d.t().argsort(dim=1)[:, :6]
+    own = (y[nearest] == model.prototype_classes[:, None]).sum(dim=1)
+    expect = (own < 3).nonzero().flatten().tolist()
+    assert 0 < len(expect) < model.num_prototypes  # the toy data makes the test meaningful
+    pruned = model.prune(batches)
+    assert pruned == expect
+    assert model.prototype_active.tolist() == [j not in expect for j in range(model.num_prototypes)]
+    assert bool((model.last_layer.weight[:, expect] == 0).all())
+    out = model.prototype_outputs(x)
+    assert bool((out.similarities[:, expect] == 0).all())
