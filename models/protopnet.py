@@ -272,8 +272,9 @@ class ProtoPNet(ClassifierModule):
         other = ~self.prototype_class_identity[:, y].t().bool() & self.prototype_active
         min_d = outputs.min_distances
         ce = F.cross_entropy(outputs.logits, y)
-        cluster = masked_min(min_d, own).mean()
-        separation = masked_min(min_d, other).mean()
+        # an image whose class has every prototype pruned has no cluster term (inf -> 0), not an infinite loss
+        cluster = masked_min(min_d, own).nan_to_num(posinf=0.0).mean()
+        separation = masked_min(min_d, other).nan_to_num(posinf=0.0).mean()
         avg_separation = ((min_d * other).sum(dim=1) / other.sum(dim=1).clamp_min(1)).mean()
         l1 = (self.last_layer.weight * (1 - self.prototype_class_identity.t())).abs().sum()
         c = self.coefs
