@@ -317,18 +317,18 @@ class PrototypeCallback(InterpretationCallback):
         def batches():  # (image, label, index) for the search; cell-centre concept labels recorded on the way
             for item in self.loader(shard):
                 seen_idx.append(item["index"].long())
-                seen_lab.append(item["seg"][:, :, rows][:, :, :, cols].to(torch.int16))
+                seen_lab.append(item["seg"][:, :, rows][:, :, :, cols].to(torch.int32))  # gloo has no int16
                 yield item["image"], item["label"], item["index"]
 
         nearest = k_nearest_patches(module, batches(), k=self.purity_k)
         local_idx = torch.cat(seen_idx) if seen_idx else torch.zeros(0, dtype=torch.long)
         local_lab = (torch.cat(seen_lab) if seen_lab else
-                     torch.zeros(0, int(getattr(base, "max_maps", 1)), h, w, dtype=torch.int16))
+                     torch.zeros(0, int(getattr(base, "max_maps", 1)), h, w, dtype=torch.int32))
         dev = module.device
         all_idx = D.all_gather_cat(local_idx.to(dev)).cpu()
         all_lab = D.all_gather_cat(local_lab.to(dev)).cpu()
         centre_labels = torch.zeros(int(all_idx.max()) + 1 if len(all_idx) else 0, *all_lab.shape[1:],
-                                    dtype=torch.int16)
+                                    dtype=torch.int32)
         centre_labels[all_idx] = all_lab
         active = module.prototype_active.cpu()
         out = {"purity": float(purity(nearest, centre_labels, num_concepts)[active].mean())}

@@ -257,16 +257,18 @@ def test_quality_metrics_hand_computed():
 def _ddp_fit(rank, world_size, root):
     # the process group exists already (tests/ddp_utils) and RANK/LOCAL_RANK are set: Lightning joins it as an
     # externally launched DDP job, the same code path as `train.py trainer=ddp_cpu`
+    from callbacks.prototypes import PrototypeCallback
     model = toy_model(schedule=dict(warm_epochs=1, push_start=10, push_every=10, last_layer_epochs=1))
+    cb = PrototypeCallback(num_explained=1, purity_k=3, probe_limit=None)
     tr = pl.Trainer(max_epochs=3, accelerator="cpu", devices=world_size, strategy="ddp", logger=False,
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    default_root_dir=root, enable_checkpointing=False)
+                    default_root_dir=root, enable_checkpointing=False, callbacks=[cb])
     tr.fit(model, datamodule=ToyData())
     return {"prototypes": model.prototype_vectors.detach().clone(), "backbone": [p.detach().clone() for p in
                                                                                  model.backbone.parameters()],
             "last_layer": model.last_layer.weight.detach().clone(), "phases": model.phase_history,
             "pushes": [h["epoch"] for h in model.push_history], "source": model.last_push.image_index,
-            "position": model.last_push.position}
+            "position": model.last_push.position, "metrics": cb.last_metrics}
 
 
 @pytest.mark.ddp
@@ -279,6 +281,9 @@ def test_schedule_and_push_under_ddp(tmp_path):
         assert torch.equal(r0[key], r1[key]), key  # every rank ends with identical prototypes and weights
     assert all(torch.equal(a, b) for a, b in zip(r0["backbone"], r1["backbone"]))
     assert r0["phases"] == r1["phases"]
+    # the prototype callback's metrics are reduced over both shards and identical on both ranks; rank 0 wrote files
+    assert r0["metrics"] == r1["metrics"] and "interp/prototypes/purity" in r0["metrics"]
+    assert (tmp_path / "interp" / "prototypes" / "epoch_002" / "gallery_p00.png").is_file()
 
 
 def test_class_count_must_match_the_data(tmp_path):
