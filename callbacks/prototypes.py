@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -281,7 +281,8 @@ class PrototypeCallback(InterpretationCallback):
     def render(self, trainer, module, dm, result: PushResult, out: Path, class_names: list[str]) -> None:
         train_vis = dm.vis_dataset("train")
         sources = {int(i): train_vis[int(i)][0] for i in result.image_index[result.pushed].unique().tolist()}
-        write_json(out / "prototypes.json", {"push": module.push_history[-1], "prototypes": result.records(class_names)})
+        write_json(out / "prototypes.json", {"push": module.push_history[-1],
+                                             "prototypes": result.records(class_names)})
         pages = render_gallery(result, sources, out, class_names, self.thumbnail, self.classes_per_page)
         self.log_images(trainer, "gallery", pages)
         if self.num_explained <= 0:

@@ -132,7 +132,8 @@ def test_push_keeps_prototypes_of_a_class_without_images():
 
 def test_receptive_field_and_high_activation_box():
     model = tiny_model()
-    # small convnet, widths (4, 8) at 16 px: conv3 (r 3), pool2 (r 4, jump 2, centre 1.0 = between pixels 0, 1), conv3 (r 8)
+    # small convnet, widths (4, 8) at 16 px: conv3 (r 3), pool2 (r 4, jump 2, first centre 1.0 = between
+    # pixels 0 and 1), conv3 (r 8)
     assert receptive_field(model.backbone) == (8.0, 2.0, 1.0)
     import torchvision
     net = torchvision.models.vgg16(weights=None).features[:-1]  # ProtoPNet's VGG16: 196 px fields, stride 16
