@@ -1,7 +1,7 @@
 """ProtoPNet push speed: push time divided by the time of one plain forward pass over the same push set.
 
     python3 benchmarks/bench_push.py                       # resnet18, 200 prototypes, 300 images at 224 px
-    python3 benchmarks/bench_push.py --image-size 112 --images 150
+    python3 benchmarks/bench_push.py --image-size 112 --images 150 --threads 1
 
 Prints two ratios: push with its files written (records JSON + gallery PNGs, what the callback writes after every
 push) and push alone. Target: <= 1.2 with files. For comparison, the public code's push of the same setup took 2.6x
@@ -45,7 +45,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=75)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 gives "
+                    "steadier ratios on a shared machine")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = ProtoPNet(num_classes=args.classes, channels=3, image_size=args.image_size, backbone=args.backbone,
