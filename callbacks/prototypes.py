@@ -339,8 +339,9 @@ class PrototypeCallback(InterpretationCallback):
                 out[f"purity_{cat}"] = float(purity(nearest, centre_labels, num_concepts, ids)[active].mean())
         class_concepts = getattr(base, "class_concepts", None)
         if class_concepts and self.probe_split == "train":  # push sources index the train split
-            sources = [int(i) for i in result.image_index[result.pushed].unique().tolist() if int(i) < len(probe)]
-            segs = {i: torch.as_tensor(probe[i]["seg"]) for i in sources}
+            # the sources' masks come from the whole split (m images), not only the purity subset
+            sources = [int(i) for i in result.image_index[result.pushed].unique().tolist() if int(i) < len(base)]
+            segs = {i: torch.as_tensor(base[i]["seg"]) for i in sources}
             hits = class_object_hits(result, segs, class_concepts, tuple(base.seg_size))
             hits = hits[active & ~hits.isnan()]
             if len(hits):
