@@ -91,7 +91,8 @@ class CapsulesCallback(InterpretationCallback):
         x, labels = self.images(trainer, module)
         recon, pred = perturb_capsule_dimensions(module, x)
         coupling, _ = coupling_to_prediction(module, x)
-        full = module.capsules(x, reconstruct=True)
+        with torch.no_grad():
+            full = module.capsules(x, reconstruct=True)
         sse = (full.reconstruction - full.target).pow(2).flatten(1).sum(1)
         # how much the decoded image changes across the sweep, per dimension: dimensions that encode something move
         sweep_change = (recon[:, :, -1] - recon[:, :, 0]).abs().flatten(2).mean(2)          # [N, dims]

@@ -7,8 +7,8 @@ The K-th largest vote is a per-sample, per-class adaptive threshold, so each cla
 input-dependent support of units (dynamic routing behaviour). Gradients reach only the K selected connections of each
 (sample, class); unselected weights feel only weight decay and W becomes sparse over training. No extra loss term.
 
-Speed: the selection needs every vote, but not their gradients: it runs without autograd (in chunks of samples so the
-[b, C, D] vote block stays in cache), and only the K selected (x_j, W_cj) pairs are gathered with gradients. The
+Speed: the selection needs every vote, but not their gradients: it runs without autograd (in blocks of samples that bound
+the memory of the [b, C, D] votes), and only the K selected (x_j, W_cj) pairs are gathered with gradients. The
 backward pass therefore costs O(B C K), not O(B C D). With K = D the layer is exactly `F.linear`.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch import nn
 from models.cnn import PooledHeadClassifier
 from models.errors import ConfigError
 
-#: votes held at once during the selection (floats); 2M floats = 8 MB, about what the L2 caches of a CPU hold
-SELECTION_BLOCK = 1 << 21
+#: votes held at once during the selection (floats): 16M floats = 64 MB bounds the memory of the no-grad vote block
+SELECTION_BLOCK = 1 << 24
 
 
 class DynamicKLinear(nn.Module):
