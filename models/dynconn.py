@@ -99,11 +99,24 @@ class DynamicKLinear(nn.Module):
 class DynConnClassifier(PooledHeadClassifier):
     """`model=dynconn`: any backbone -> GAP -> Dynamic-K head. Shares everything else with `model=cnn`."""
 
-    def __init__(self, num_classes: int, k: int = 5, **kwargs):
+    def __init__(self, num_classes: int, k: int = 5, head_weight_decay: float | None = 1e-4, **kwargs):
         # build_head runs inside the parent's __init__, before nn.Module state exists: store K as a plain attribute
         object.__setattr__(self, "_k_config", int(k))
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters(logger=False)
+        if head_weight_decay is not None and head_weight_decay < 0:
+            raise ConfigError(f"model.head_weight_decay={head_weight_decay}: must be >= 0 (or null for the "
+                              f"optimiser's own weight_decay)")
+        self.head_weight_decay = head_weight_decay
+
+    def parameter_groups(self):
+        """The head's weights get their own weight decay: unrouted connections receive no gradient and only this
+        decay, which is what makes W sparse over training (Sec. 3 of the paper); null = the optimiser's setting."""
+        if self.head_weight_decay is None:
+            return super().parameter_groups()
+        head_w = self.head.weight
+        rest = [p for p in self.parameters() if p.requires_grad and p is not head_w]
+        return [{"params": rest}, {"params": [head_w], "weight_decay": float(self.head_weight_decay)}]
 
     @property
     def k(self) -> int:

@@ -125,3 +125,16 @@ def test_dense_head_evidence_is_every_unit():
 def test_bad_k_names_the_option(k):
     with pytest.raises(ConfigError, match=r"model\.k"):
         DynConnClassifier(num_classes=4, k=k, channels=3, image_size=32)  # small backbone: D = 128
+
+
+def test_head_weight_decay_only_on_the_head_weights():
+    from functools import partial
+    model = DynConnClassifier(num_classes=4, k=2, channels=3, image_size=32, widths=[8, 8, 16, 24],
+                              head_weight_decay=1e-4, optimizer=partial(torch.optim.Adam, lr=1e-3, weight_decay=0.0))
+    opt = model.configure_optimizers()
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(model.head.weight)] == 1e-4
+    assert all(v == 0.0 for k, v in decay.items() if k != id(model.head.weight))
+    assert len(decay) == len(list(model.parameters()))
+    with pytest.raises(ConfigError, match=r"model\.head_weight_decay"):
+        DynConnClassifier(num_classes=4, k=2, channels=3, image_size=32, head_weight_decay=-1.0)
