@@ -34,7 +34,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = CapsNet(num_classes=10, channels=1, image_size=28, routing_iterations=args.iterations,
-                    reconstruction=True)
+                    reconstruction=True, shift_pixels=2)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(args.batch, 1, 28, 28)

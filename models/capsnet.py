@@ -7,9 +7,9 @@ the class capsules masked to the true class in training and to the predicted cla
 
 Grid sizes follow from the input: 28x28x1 (MNIST) -> 20x20 -> 6x6x32 = 1152 primary capsules; 32x32x3 (the paper's
 CIFAR-10 variant, 64 primary capsule types) -> 24x24 -> 8x8x64 = 4096.
-Shift augmentation (random translations of up to `shift_pixels`, zero padded, as in the paper) is done here in
-`model_step`, so it applies whatever the datamodule and the reconstruction target is the shifted image the network
-saw.
+Shift augmentation (random translations of up to 2 pixels, zero padded, the paper's only augmentation) is set in
+conf/model/capsnet.yaml as `datamodule.shift: 2`; `model.shift_pixels` does the same inside `model_step` (vectorised,
+per image) for data without augmentation. Either way the reconstruction target is the shifted image the network saw.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class CapsNet(ClassifierModule):
                  primary_stride: int = 2, class_dim: int = 16, routing_iterations: int = 3,
                  detach_votes: bool = True, reconstruction: bool = True, reconstruction_weight: float = 0.0005,
                  decoder_widths: Sequence[int] = (512, 1024), m_plus: float = 0.9, m_minus: float = 0.1,
-                 down_weight: float = 0.5, shift_pixels: int = 2, mean: Sequence[float] | float | None = None,
+                 down_weight: float = 0.5, shift_pixels: int = 0, mean: Sequence[float] | float | None = None,
                  std: Sequence[float] | float | None = None, **kwargs):
         super().__init__(num_classes=num_classes, channels=channels, image_size=image_size, **kwargs)
         self.save_hyperparameters(logger=False)
