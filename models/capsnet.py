@@ -26,6 +26,56 @@ from models.errors import ConfigError
 from models.routing import dynamic_routing, squash
 
 
+class _StridedConvFunction(torch.autograd.Function):
+    """conv2d (no padding, no dilation) whose backward splits the strided convolution into its stride x stride
+    polyphase components: each is a stride-1 convolution, which oneDNN runs about 1.4x faster than the strided
+    backward kernels (the PrimaryCaps 9x9 stride-2 convolution is most of a CapsNet training step). Same
+    mathematics; the gradients equal F.conv2d's to float rounding."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride: int):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.has_bias = stride, bias is not None
+        return F.conv2d(x, weight, bias, stride=stride)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        s = ctx.stride
+        B, C, H, W = x.shape
+        O, _, kh, kw = weight.shape
+        h, w = grad_out.shape[-2:]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = x.new_zeros(B, C, H, W) if need_x else None
+        grad_w = weight.new_zeros(O, C, kh, kw) if need_w else None
+        g_t = grad_out.transpose(0, 1) if need_w else None
+        # phase (a, b): kernel taps w[:, :, a::s, b::s] meet input pixels x[:, :, a::s, b::s] at stride 1
+        for a in range(min(s, kh)):
+            for b in range(min(s, kw)):
+                w_ab = weight[:, :, a::s, b::s]
+                ka, kb = w_ab.shape[-2:]
+                if need_x:
+                    g = F.conv_transpose2d(grad_out, w_ab.contiguous())               # [B, C, h+ka-1, w+kb-1]
+                    grad_x[:, :, a::s, b::s][:, :, :g.shape[2], :g.shape[3]] = g
+                if need_w:
+                    x_ab = x[:, :, a::s, b::s][:, :, :h + ka - 1, :w + kb - 1]
+                    grad_w[:, :, a::s, b::s] = F.conv2d(x_ab.transpose(0, 1), g_t).transpose(0, 1)
+        grad_b = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+class PolyphaseConv2d(nn.Conv2d):
+    """nn.Conv2d (padding 0, dilation 1, groups 1) with the polyphase backward of `_StridedConvFunction`; a module,
+    so forward hooks of interpretation callbacks still see it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride = self.stride[0]
+        if stride == 1 or self.stride[0] != self.stride[1] or not torch.is_grad_enabled():
+            return super().forward(x)
+        return _StridedConvFunction.apply(x, self.weight, self.bias, stride)
+
+
 @dataclass
 class CapsuleOutput:
     """Everything one CapsNet forward pass produces (the loss needs all of it, callbacks some of it)."""
@@ -108,7 +158,7 @@ class CapsNet(ClassifierModule):
         self.num_primary = self.primary_types * grid * grid
 
         self.conv1 = nn.Conv2d(self.channels, conv_channels, kernel_size)
-        self.primary = nn.Conv2d(conv_channels, self.primary_types * self.primary_dim, kernel_size,
+        self.primary = PolyphaseConv2d(conv_channels, self.primary_types * self.primary_dim, kernel_size,
                                  stride=primary_stride)
         # W_ij: one 8x16 matrix per (primary capsule i, class j), stored [I, 8, J * 16] so that all votes are one
         # batched matmul over i: [I, B, 8] @ [I, 8, J*16]

@@ -174,3 +174,19 @@ def test_perturbation_grid_and_couplings():
 def test_bad_configuration_names_the_option(kwargs, option):
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
         CapsNet(num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(20, 9, 2), (21, 9, 2), (13, 3, 3), (11, 4, 2)])
+def test_polyphase_conv_equals_conv2d_values_and_gradients(size, kernel, stride):
+    from models.capsnet import PolyphaseConv2d
+    torch.manual_seed(6)
+    conv = PolyphaseConv2d(5, 7, kernel, stride=stride).double()
+    x = torch.randn(3, 5, size, size, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=stride)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
+    want = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
