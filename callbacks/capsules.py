@@ -130,7 +130,7 @@ class CapsulesCallback(InterpretationCallback):
         for n in range(x.shape[0]):
             img = raw[n].permute(1, 2, 0).numpy()
             axes[0, n].imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            axes[0, n].set_title(f"pred {name(int(pred[n]))}", fontsize=8)
+            axes[0, n].set_title(f"label {name(int(labels[n]))}, pred {name(int(pred[n]))}", fontsize=8)
             im = axes[1, n].imshow(grid_map[n].cpu().numpy(), cmap="viridis")
             axes[1, n].set_title("mean c_i,pred over types", fontsize=7)
             fig.colorbar(im, ax=axes[1, n], fraction=0.046)
