@@ -1,0 +1,58 @@
+"""Dynamic-K head cost: forward + backward time of the Dynamic-K head divided by a linear head's on the same pooled
+features (batch 256, 512 features, 365 classes, K = 5 -- the authors' Places365 / ResNet-18 setting). Target <= 1.5.
+
+Run: `python3 benchmarks/bench_dynconn.py [--device cuda] [--repeat N]`. Reports best-of-N wall times, which damps
+the noise of other processes sharing the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import timeit  # noqa: E402  (puts the repository root on sys.path)
+from models.dynconn import DynamicKLinear  # noqa: E402
+
+TARGET = 1.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--features", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=365)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    x = torch.relu(torch.randn(args.batch, args.features, device=dev)).requires_grad_()
+    head = DynamicKLinear(args.features, args.classes, args.k).to(dev)
+    linear = torch.nn.Linear(args.features, args.classes).to(dev)
+    g = torch.randn(args.batch, args.classes, device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(module):
+        def step():
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            module(x).backward(g)
+            sync()
+        return step
+
+    t_lin = timeit(run(linear), repeat=args.repeat, warmup=3)
+    t_dk = timeit(run(head), repeat=args.repeat, warmup=3)
+    ratio = t_dk / t_lin
+    print(f"device {dev}, {torch.get_num_threads()} threads; batch {args.batch}, {args.features} features, "
+          f"{args.classes} classes, K = {args.k}")
+    print(f"linear head forward+backward: {t_lin * 1e3:.2f} ms; Dynamic-K head: {t_dk * 1e3:.2f} ms")
+    print(f"ratio Dynamic-K / linear: {ratio:.2f} (target <= {TARGET}) {'OK' if ratio <= TARGET else 'ABOVE TARGET'}")
+
+
+if __name__ == "__main__":
+    main()

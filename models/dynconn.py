@@ -1,0 +1,138 @@
+"""The dynamic connection layer = Dynamic-K activation (Sun, Ravi & Singh, ICCV 2019), `model=dynconn`.
+
+It replaces the final fully connected layer on globally pooled, non-negative features x [B, D]:
+  votes       v_cj = W_cj x_j
+  class score z_c  = (sum of the K largest votes of class c) + b_c
+The K-th largest vote is a per-sample, per-class adaptive threshold, so each class listens to a small,
+input-dependent support of units (dynamic routing behaviour). Gradients reach only the K selected connections of each
+(sample, class); unselected weights feel only weight decay and W becomes sparse over training. No extra loss term.
+
+Speed: the selection needs every vote, but not their gradients: it runs without autograd (in blocks of samples that bound
+the memory of the [b, C, D] votes), and only the K selected (x_j, W_cj) pairs are gathered with gradients. The
+backward pass therefore costs O(B C K), not O(B C D). With K = D the layer is exactly `F.linear`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.cnn import PooledHeadClassifier
+from models.errors import ConfigError
+
+#: votes held at once during the selection (floats): 16M floats = 64 MB bounds the memory of the no-grad vote block
+SELECTION_BLOCK = 1 << 24
+
+
+class DynamicKLinear(nn.Module):
+    """Dynamic-K activation layer: in_features D -> out_features C with K routed connections per sample and class."""
+
+    def __init__(self, in_features: int, out_features: int, k: int):
+        super().__init__()
+        if not 1 <= int(k) <= int(in_features):
+            raise ConfigError(f"model.k={k}: the Dynamic-K head selects K of the {in_features} pooled features per "
+                              f"class, so K must lie in [1, {in_features}] (the paper uses 5 on Places365)")
+        self.in_features, self.out_features, self.k = int(in_features), int(out_features), int(k)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialisation, so that K = D starts from the same function as the dense head
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def dense(self) -> bool:
+        return self.k == self.in_features
+
+    @torch.no_grad()
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices [B, C, K] of the K largest votes W_cj x_j per sample and class (no gradient needed)."""
+        B, D = x.shape
+        w = self.weight.detach()
+        x = x.detach()
+        rows = max(1, SELECTION_BLOCK // (self.out_features * D))
+        out = torch.empty(B, self.out_features, self.k, dtype=torch.long, device=x.device)
+        for start in range(0, B, rows):
+            votes = x[start:start + rows, None, :] * w  # [b, C, D]
+            out[start:start + rows] = votes.topk(self.k, dim=-1, sorted=False).indices
+        return out
+
+    def routed(self, x: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selected votes [B, C, K] with gradients to x and W, their feature indices [B, C, K])."""
+        B, D = x.shape
+        C, K = self.out_features, self.k
+        index = self.select(x) if index is None else index
+        x_sel = x.gather(1, index.view(B, C * K)).view(B, C, K)
+        # flat indices into W so that autograd's backward is one index_add into [C * D], not a [B, C, D] buffer
+        flat = (torch.arange(C, device=x.device).view(1, C, 1) * D + index).view(-1)
+        w_sel = self.weight.reshape(-1).index_select(0, flat).view(B, C, K)
+        return x_sel * w_sel, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense:  # the sum of all D votes is the linear layer; use the GEMM
+            return F.linear(x, self.weight, self.bias)
+        votes, _ = self.routed(x)
+        return votes.sum(-1) + self.bias
+
+    def routed_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """bool [B, C, D]: which connections (sample, class, unit) carry evidence in this forward pass."""
+        B, D = x.shape
+        mask = torch.zeros(B, self.out_features, D, dtype=torch.bool, device=x.device)
+        return mask.scatter_(2, self.select(x), True)
+
+    def unit_evidence(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, D]: the evidence s_cj = x_j W_cj each unit actually contributes to z_c (0 where not routed);
+        its sum over units is z_c - b_c."""
+        B, D = x.shape
+        votes, index = self.routed(x)
+        return torch.zeros(B, self.out_features, D, dtype=votes.dtype, device=x.device).scatter(2, index, votes)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"
+
+
+class DynConnClassifier(PooledHeadClassifier):
+    """`model=dynconn`: any backbone -> GAP -> Dynamic-K head. Shares everything else with `model=cnn`."""
+
+    def __init__(self, num_classes: int, k: int = 5, head_weight_decay: float | None = 1e-4, **kwargs):
+        # build_head runs inside the parent's __init__, before nn.Module state exists: store K as a plain attribute
+        object.__setattr__(self, "_k_config", int(k))
+        super().__init__(num_classes=num_classes, **kwargs)
+        self.save_hyperparameters(logger=False)
+        if head_weight_decay is not None and head_weight_decay < 0:
+            raise ConfigError(f"model.head_weight_decay={head_weight_decay}: must be >= 0 (or null for the "
+                              f"optimiser's own weight_decay)")
+        self.head_weight_decay = head_weight_decay
+
+    def parameter_groups(self):
+        """The head's weights get their own weight decay: unrouted connections receive no gradient and only this
+        decay, which is what makes W sparse over training (Sec. 3 of the paper); null = the optimiser's setting."""
+        if self.head_weight_decay is None:
+            return super().parameter_groups()
+        head_w = self.head.weight
+        rest = [p for p in self.parameters() if p.requires_grad and p is not head_w]
+        return [{"params": rest}, {"params": [head_w], "weight_decay": float(self.head_weight_decay)}]
+
+    @property
+    def k(self) -> int:
+        return self._k_config
+
+    def build_head(self, in_features: int, num_classes: int) -> nn.Module:
+        return DynamicKLinear(in_features, num_classes, self._k_config)
+
+    def routed_mask(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.routed_mask(self.features(x))
+
+    def unit_evidence(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample, per-class evidence actually used [B, C, D] (x_j W_cj on the routed top-K, 0 elsewhere)."""
+        return self.head.unit_evidence(self.features(x))
+
+    def unit_contributions(self, x):
+        """(features [B, D], weights [C, D]) as for the dense head; x_j W_cj is the vote of unit j, but only the
+        top-K votes count -- use `unit_evidence` / `routed_mask` for the evidence actually routed."""
+        return self.features(x), self.head.weight
