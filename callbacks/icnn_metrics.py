@@ -55,14 +55,15 @@ def peak_positions(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def receptive_field_centres(flat_index: torch.Tensor, map_size: tuple[int, int],
                             image_size: tuple[int, int]) -> torch.Tensor:
-    """[..., 2] (x, y) image-pixel coordinates of the receptive-field centre of map positions (row-major flattened).
-    A unit (i, j) of an h x w map over an H x W image with 'same' padding and stride H/h is centred at
-    ((j + 0.5) W / w, (i + 0.5) H / h) (pixel k spans [k, k + 1])."""
+    """[..., 2] (x, y) receptive-field centres of map positions (row-major flattened), in pixel-index coordinates
+    (pixel k is centred at k, as the shapes landmarks). A unit (i, j) of an h x w map over an H x W image with 'same'
+    padding and stride H/h covers pixels [i H/h, (i + 1) H/h), so its centre is ((j + 0.5) W/w - 0.5,
+    (i + 0.5) H/h - 0.5)."""
     h, w = map_size
     H, W = image_size
     i = torch.div(flat_index, w, rounding_mode="floor").to(torch.float32)
     j = (flat_index % w).to(torch.float32)
-    return torch.stack([(j + 0.5) * W / w, (i + 0.5) * H / h], dim=-1)
+    return torch.stack([(j + 0.5) * W / w - 0.5, (i + 0.5) * H / h - 0.5], dim=-1)
 
 
 def location_instability(peak_values: torch.Tensor, peak_xy: torch.Tensor, landmarks: torch.Tensor,
@@ -264,7 +265,7 @@ def render_peak_figure(path: Path, ds, top_index: torch.Tensor, top_values: torc
             ax.imshow(ds[i]["raw"].permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap="gray")
             if bool(top_values[f, c] > 0):
                 x, y = peak_xy[i, f].tolist()
-                ax.scatter([x - 0.5], [y - 0.5], s=60, marker="+", c="red", linewidths=2)
+                ax.scatter([x], [y], s=60, marker="+", c="red", linewidths=2)
             ax.set_xticks([])
             ax.set_yticks([])
         info = filters[f]

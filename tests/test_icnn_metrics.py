@@ -19,8 +19,9 @@ NAN = float("nan")
 
 def test_receptive_field_centres_by_hand():
     xy = receptive_field_centres(torch.tensor([0, 19, 63]), (8, 8), (64, 64))
-    assert xy.tolist() == [[4.0, 4.0], [28.0, 20.0], [60.0, 60.0]]   # index 19 = row 2, column 3
-    assert receptive_field_centres(torch.tensor([5]), (2, 4), (20, 40)).tolist() == [[15.0, 15.0]]
+    # pixel-index coordinates: unit (2, 3) of an 8x8 map over 64 px covers rows 16..23, columns 24..31
+    assert xy.tolist() == [[3.5, 3.5], [27.5, 19.5], [59.5, 59.5]]   # index 19 = row 2, column 3
+    assert receptive_field_centres(torch.tensor([5]), (2, 4), (20, 40)).tolist() == [[14.5, 14.5]]
 
 
 def _instability_case():
@@ -119,12 +120,12 @@ class SquaresProbe(Dataset):
         r, c = self.pos[i].tolist()
         raw[0, r:r + 4, c:c + 4] = 1.0
         seg[0, r:r + 4, c:c + 4] = 3
-        landmarks = torch.tensor([[c + 2.0, r + 2.0], [NAN, NAN]])
+        landmarks = torch.tensor([[c + 1.5, r + 1.5], [NAN, NAN]])
         if i % 2 == 0:
             br = 0 if r >= 8 else 14
             raw[0, br:br + 2, 5:11] = 0.5
             seg[0, br:br + 2, 5:11] = 4
-            landmarks[1] = torch.tensor([8.0, br + 1.0])
+            landmarks[1] = torch.tensor([7.5, br + 0.5])
         return {"image": (raw - 0.5) / 0.5, "raw": raw, "label": i % 2, "seg": seg, "landmarks": landmarks,
                 "index": i}
 
