@@ -102,6 +102,20 @@ def activation_thresholds(maps: torch.Tensor, quantile: float = ACTIVATION_QUANT
     return values[:, lo] + (values[:, hi] - values[:, lo]) * (pos - lo)
 
 
+def interpolation_matrix(size_in: int, size_out: int, device=None) -> torch.Tensor:
+    """[size_out, size_in]: 1-D linear interpolation as F.interpolate(mode="linear", align_corners=False) does it."""
+    eye = torch.eye(size_in, device=device)[None]                                   # [1, in (channels), in]
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0].t()
+
+
+def bilinear_upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """F.interpolate(maps, size, mode="bilinear", align_corners=False) as two small matmuls (bilinear is separable);
+    several times faster on CPU for many small maps."""
+    ry = interpolation_matrix(maps.shape[-2], size[0], maps.device)
+    rx = interpolation_matrix(maps.shape[-1], size[1], maps.device)
+    return ry @ maps @ rx.t()
+
+
 def part_masks(seg: torch.Tensor, part_concept_ids: torch.Tensor) -> torch.Tensor:
     """seg [B, L, sh, sw] concept ids -> [B, P, sh, sw] bool, one mask per part concept."""
     ids = part_concept_ids.to(seg.device).view(1, 1, -1, 1, 1)
@@ -112,7 +126,7 @@ def part_iou_hits(maps: torch.Tensor, thresholds: torch.Tensor, masks: torch.Ten
                   iou_threshold: float = IOU_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
     """maps [B, C, h, w], thresholds [C], part masks [B, P, sh, sw] -> (hits [C, P]: images showing part p where
     IoU(upsampled map > threshold, part mask) > iou_threshold; present [P]: images showing part p)."""
-    up = F.interpolate(maps.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    up = bilinear_upsample(maps.float(), tuple(masks.shape[-2:]))
     fm = (up > thresholds.view(1, -1, 1, 1)).flatten(2).float()                     # [B, C, S]
     pm = masks.flatten(2).float()                                                  # [B, P, S]
     inter = fm @ pm.transpose(1, 2)                                                # [B, C, P]

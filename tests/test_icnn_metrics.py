@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from callbacks.icnn_metrics import (ICNNMetricsCallback, activation_thresholds, layer_maps, location_instability,
+from callbacks.icnn_metrics import (ICNNMetricsCallback, activation_thresholds, bilinear_upsample, layer_maps,
+                                    location_instability,
                                     part_interpretability, part_iou_hits, part_masks, peak_positions,
                                     receptive_field_centres)
 
@@ -87,6 +88,14 @@ def test_thresholds_are_the_top_half_percent_quantile():
     maps = torch.rand(7, 3, 5, 5, generator=g)
     expected = torch.quantile(maps.transpose(0, 1).reshape(3, -1), 0.995, dim=1)
     torch.testing.assert_close(activation_thresholds(maps, 0.995), expected)
+
+
+def test_separable_upsampling_equals_bilinear_interpolation():
+    g = torch.Generator().manual_seed(0)
+    for shape, size in (((2, 3, 8, 8), (64, 64)), ((1, 2, 7, 5), (16, 12)), ((1, 1, 4, 4), (4, 4))):
+        maps = torch.rand(*shape, generator=g)
+        expected = torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(bilinear_upsample(maps, size), expected)
 
 
 def test_part_masks_from_several_segmentation_maps():
