@@ -186,7 +186,7 @@ def test_concept_masks_image_label_is_full_image():
     assert m[0, 1].tolist() == [1, 0, 0, 0] and m[0, 3].tolist() == [1, 1, 1, 1] and m[0, 0].sum() == 0
 
 
-# ----- DDP == single process ------------------------------------------------------------------------------------------
+# ----- DDP == single process (one 2-process launch for all DDP checks: spawning costs more than the checks) -------
 
 def _ddp_dissect(rank, world_size, n):
     from callbacks import distributed as D
@@ -196,13 +196,23 @@ def _ddp_dissect(rank, world_size, n):
     return {k: (r.thresholds, r.iou, r.top_images, r.unit_area, r.concept_vectors()) for k, r in res.items()}
 
 
-@pytest.mark.parametrize("n", [11, 1])  # 1 image: one rank has an empty shard
-def test_ddp_equals_single_process(n):
+def _ddp_checks(rank, world_size, tmp):
+    # n=1: rank 1 has an empty shard and must still take part in every collective
+    return {"dissect": {n: _ddp_dissect(rank, world_size, n) for n in (11, 1)},
+            "failure": _ddp_failing_callback(rank, world_size, tmp)}
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return run_ddp(_ddp_checks, 2, (str(tmp_path_factory.mktemp("ddp")),), timeout_s=120)
+
+
+@pytest.mark.parametrize("n", [11, 1])
+def test_ddp_equals_single_process(n, ddp_results):
     single = _ddp_dissect(0, 1, n)
-    ranks = run_ddp(_ddp_dissect, 2, (n,))
-    for out in ranks:
+    for out in ddp_results:
         for layer, (t, iou, top, area, q) in single.items():
-            t2, iou2, top2, area2, q2 = out[layer]
+            t2, iou2, top2, area2, q2 = out["dissect"][n][layer]
             assert torch.allclose(t, t2, atol=1e-6, rtol=0)
             assert torch.allclose(iou, iou2, atol=1e-6, rtol=0)
             assert torch.equal(area, area2)
@@ -332,6 +342,6 @@ def _ddp_failing_callback(rank, world_size, tmp):
     return "no error"
 
 
-def test_callback_error_fails_every_rank(tmp_path):
-    messages = run_ddp(_ddp_failing_callback, 2, (str(tmp_path),), timeout_s=90)
+def test_callback_error_fails_every_rank(ddp_results):
+    messages = [r["failure"] for r in ddp_results]
     assert "another rank failed" in messages[0] and "corrupt item 6" in messages[1] and "on rank 1" in messages[1]
