@@ -17,8 +17,8 @@ Choices (the reference leaves them open; see docs/dissection.md):
   top-k. This also avoids torch.quantile's 16M-element input limit and never stores all activations.
 - Masks: M_u = bilinear_upsample(A_u, seg size, align_corners=False) > T_u.
 - IoU(u, c) = sum_images |M_u & L_c| / sum_images |M_u | L_c|. Intersections are the matrix product of the binary
-  unit masks [U, pixels] with the one-hot concept masks [pixels, C] (dense for small vocabularies, as a sparse
-  index_add - the same product - for large ones like full Broden); unions = |M_u| + |L_c| - intersection.
+  unit masks [U, pixels] with the one-hot concept masks [pixels, C], evaluated sparsely (only maps that reach T_u
+  are upsampled, only their "on" pixels are counted, with one bincount); unions = |M_u| + |L_c| - intersection.
   All statistics are integer counts (exact in float32 within a batch, accumulated in float64) and all-reduced.
 - An image-level label (e.g. scene) is a full-image mask; a pixel label of the same concept in that image is then
   covered by it and not counted twice (NetDissect-Lite's stale tally for such images is avoided).
@@ -311,48 +311,47 @@ def _dedup_pixel_labels(seg: torch.Tensor, image_labels: torch.Tensor | None) ->
 
 
 def iou_statistics(acts: torch.Tensor, thresholds: torch.Tensor, seg: torch.Tensor,
-                   image_labels: torch.Tensor | None, num_concepts: int, dense: bool | None = None,
-                   chunk_pixels: int = 2 ** 21):
+                   image_labels: torch.Tensor | None, num_concepts: int, chunk_pixels: int = 2 ** 23):
     """One batch's counts: (intersection [U, C+1], unit area [U], concept area [C+1]), all float64.
 
-    acts [B, U, h, w]; seg [B, L, sh, sw] concept ids; image_labels bool [B, C+1] or None. `dense` picks the dense
-    matrix product (small vocabularies) or the sparse index_add (large ones); both are the same product."""
+    acts [B, U, h, w]; seg [B, L, sh, sw] concept ids; image_labels bool [B, C+1] or None.
+
+    The intersection matrix is the product of the binary unit masks [U, pixels] with the one-hot concept masks
+    [pixels, C+1], evaluated sparsely: a bilinear upsample is a convex combination of the raw map, so a map whose
+    maximum is <= T_u has an empty mask and is skipped, and of the remaining maps only the "on" pixels (about 0.5% of
+    all) are looked up in the label maps and counted with one bincount over (unit, concept) pairs. The result is the
+    same integer counts as the dense product at a small fraction of its cost, for any vocabulary size."""
     b, u = acts.shape[:2]
     sh, sw = seg.shape[-2:]
     p = sh * sw
-    dense = (num_concepts + 1) <= 256 if dense is None else dense
-    labels = image_labels.bool() if image_labels is not None else None
-    inter = torch.zeros(u, num_concepts + 1, dtype=torch.float64, device=acts.device)
-    unit_area = torch.zeros(u, dtype=torch.float64, device=acts.device)
-    concept_area = torch.zeros(num_concepts + 1, dtype=torch.float64, device=acts.device)
-    per = max(1, chunk_pixels // max(1, u * p))  # images per chunk: bounds the upsampled tensor's memory
-    for s in range(0, b, per):
-        a = acts[s:s + per].float()
-        up = F.interpolate(a, size=(sh, sw), mode="bilinear", align_corners=False)
-        on = (up > thresholds.view(1, -1, 1, 1)).reshape(a.shape[0], u, p)    # [b, U, P] M_u
-        lab = labels[s:s + per] if labels is not None else None
-        on_f = on.to(torch.float32)
-        unit_pixels = on_f.sum(dim=2)                                           # [b, U]
-        unit_area += unit_pixels.sum(0).double()
-        if dense:
-            masks = concept_masks(seg[s:s + per], lab, num_concepts)           # [b, C+1, P] L_c
-            # intersections of every unit with every concept: one (batched) product of binary masks
-            inter += torch.bmm(on_f, masks.transpose(1, 2)).sum(0).double()
-            concept_area += masks.sum(dim=(0, 2)).double()
-        else:
-            seg_b = _dedup_pixel_labels(seg[s:s + per].reshape(a.shape[0], -1, p).long(), lab)
-            part = torch.zeros(u, num_concepts + 1, device=acts.device)
-            on_t = on_f.transpose(0, 1)                                         # [U, b, P]
-            for m in range(seg_b.shape[1]):
-                part.index_add_(1, seg_b[:, m].reshape(-1), on_t.reshape(u, -1))
-                concept_area += torch.bincount(seg_b[:, m].reshape(-1), minlength=num_concepts + 1).double()
-            if lab is not None:
-                lab_f = lab[:, : num_concepts + 1].to(torch.float32)
-                part += unit_pixels.t() @ lab_f                                 # full-image masks
-                concept_area += lab_f.sum(0).double() * p
-            part[:, 0] = 0
-            inter += part.double()
-            concept_area[0] = 0
+    dev = acts.device
+    c1 = num_concepts + 1
+    labels = image_labels[:, :c1].bool() if image_labels is not None else None
+    flat_seg = _dedup_pixel_labels(seg.reshape(b, -1, p).long(), labels)          # [B, L, P], union semantics
+    concept_area = torch.bincount(flat_seg.reshape(-1), minlength=c1)[:c1].double()
+    if labels is not None:
+        concept_area += labels.sum(0).double() * p                                 # image-level = full image
+    concept_area[0] = 0
+    inter = torch.zeros(u * c1, dtype=torch.float64, device=dev)
+    unit_area = torch.zeros(u, dtype=torch.float64, device=dev)
+    a = acts.float()
+    active = (a.amax(dim=(2, 3)) > thresholds.view(1, -1)).nonzero()               # (image, unit) pairs
+    per = max(1, chunk_pixels // p)
+    for s in range(0, len(active), per):
+        bi, ui = active[s:s + per, 0], active[s:s + per, 1]
+        up = F.interpolate(a[bi, ui][:, None], size=(sh, sw), mode="bilinear", align_corners=False)
+        on = up.reshape(len(bi), p) > thresholds[ui][:, None]                       # M_u of those maps
+        count = on.sum(1)
+        unit_area.index_add_(0, ui, count.double())
+        k, pix = on.nonzero(as_tuple=True)
+        concepts = flat_seg[bi[k], :, pix]                                           # [on pixels, L]
+        keys = (ui[k][:, None] * c1 + concepts).reshape(-1)
+        inter += torch.bincount(keys, minlength=u * c1).double()
+        if labels is not None:
+            full = labels[bi].double() * count[:, None].double()                     # full-image masks
+            inter.view(u, c1).index_add_(0, ui, full)
+    inter = inter.view(u, c1)
+    inter[:, 0] = 0
     return inter, unit_area, concept_area
 
 
@@ -408,7 +407,7 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
             concept_names: Sequence[str] | None = None, concept_categories: Sequence[str] | None = None,
             category_names: Sequence[str] | None = None, quantile: float = TOP_QUANTILE,
             iou_threshold: float = IOU_THRESHOLD, top_n: int = 8, cache_mb: float = 2048.0,
-            dense: bool | None = None, concept_directions: bool = True, device=None,
+            concept_directions: bool = True, device=None,
             progress=None) -> "OrderedDict[str, DissectionResult]":
     """Dissect `layers` of `model` over the probe batches of `loader`; returns {layer name: DissectionResult}.
 
@@ -521,7 +520,7 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
         seg = seg.to(device)
         image_labels = image_labels.to(device) if image_labels is not None else None
         for n, a in feats.items():
-            s = iou_statistics(a, thresholds[n], seg, image_labels, num_concepts, dense=dense)
+            s = iou_statistics(a, thresholds[n], seg, image_labels, num_concepts)
             stats[n] = s if stats[n] is None else tuple(x + y for x, y in zip(stats[n], s))
             if concept_directions:
                 d = _direction_sums(a, seg, image_labels, num_concepts)
@@ -586,13 +585,25 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
 
 def _direction_sums(acts: torch.Tensor, seg: torch.Tensor, image_labels, num_concepts: int):
     """Sufficient statistics of the per-concept mean feature at the layer's resolution: each location is weighted by
-    the fraction of its cell the concept covers (area-averaged masks)."""
+    the fraction of its cell's mask pixels the concept covers (a mask pixel belongs to the cell holding its centre;
+    counted with one bincount, so the cost does not grow with the vocabulary)."""
     b, u, h, w = acts.shape
-    masks = concept_masks(seg, image_labels, num_concepts).view(b, num_concepts + 1, *seg.shape[-2:])
-    cover = F.adaptive_avg_pool2d(masks, (h, w)).reshape(b, num_concepts + 1, h * w)   # [b, C+1, hw]
+    sh, sw = seg.shape[-2:]
+    c1 = num_concepts + 1
+    labels = image_labels[:, :c1].bool() if image_labels is not None else None
+    flat_seg = _dedup_pixel_labels(seg.reshape(b, -1, sh * sw).long(), labels)     # [B, L, P]
+    rows = (torch.arange(sh, device=seg.device) * h) // sh
+    cols = (torch.arange(sw, device=seg.device) * w) // sw
+    cell = (rows[:, None] * w + cols[None, :]).reshape(-1)                          # [P] -> feature cell
+    per_cell = (sh * sw) / (h * w)
+    keys = ((torch.arange(b, device=seg.device)[:, None, None] * (h * w) + cell) * c1 + flat_seg).reshape(-1)
+    cover = torch.bincount(keys, minlength=b * h * w * c1).view(b, h * w, c1).float() / per_cell
+    if labels is not None:
+        cover = cover + labels[:, None, :].float()
+    cover[..., 0] = 0
     feats = acts.float().reshape(b, u, h * w)
-    c_sum = torch.einsum("bcl,bul->cu", cover, feats).double()
-    return (c_sum, cover.sum(dim=(0, 2)).double(), feats.sum(dim=(0, 2)).double(),
+    c_sum = torch.einsum("blc,bul->cu", cover, feats).double()
+    return (c_sum, cover.sum(dim=(0, 1)).double(), feats.sum(dim=(0, 2)).double(),
             torch.tensor([b * h * w], dtype=torch.float64, device=acts.device))
 
 
