@@ -207,6 +207,7 @@ def ddp_results(tmp_path_factory):
     return run_ddp(_ddp_checks, 2, (str(tmp_path_factory.mktemp("ddp")),), timeout_s=120)
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize("n", [11, 1])
 def test_ddp_equals_single_process(n, ddp_results):
     single = _ddp_dissect(0, 1, n)
@@ -342,6 +343,7 @@ def _ddp_failing_callback(rank, world_size, tmp):
     return "no error"
 
 
+@pytest.mark.ddp
 def test_callback_error_fails_every_rank(ddp_results):
     messages = [r["failure"] for r in ddp_results]
     assert "another rank failed" in messages[0] and "corrupt item 6" in messages[1] and "on rank 1" in messages[1]
