@@ -462,7 +462,7 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
     n_local, map_sizes, seg_size = 0, {}, None
     error = None
     try:
-        for batch in wrap(loader, "dissection: features"):
+        for batch in wrap(loader, "features"):
             x = batch["image"].to(device, non_blocking=True)
             feats = forward(x)
             b = x.shape[0]
@@ -529,10 +529,10 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
     error = None
     try:
         if cache is not None:
-            for feats, seg, image_labels in wrap(cache, "dissection: IoU"):
+            for feats, seg, image_labels in wrap(cache, "IoU"):
                 accumulate(feats, seg, image_labels)
         else:
-            for batch in wrap(loader, "dissection: IoU (second pass)"):
+            for batch in wrap(loader, "IoU (second pass)"):
                 accumulate(forward(batch["image"].to(device)), batch["seg"], batch.get("image_labels"))
     except Exception as err:  # noqa: BLE001 - re-raised below on every rank together
         error = err

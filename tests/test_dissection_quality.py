@@ -21,6 +21,8 @@ def defining_concepts_found(result, class_concepts) -> tuple[float, list[str]]:
     return len(found) / len(defining), found
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # the shared trained_cnn fixture trains the default cnn when its cache is cold
 def test_trained_cnn_units_detect_the_defining_concepts(trained_cnn):
     model, dm = trained_cnn
     probe = dm.probe_dataset("val")
