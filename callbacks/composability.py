@@ -288,6 +288,17 @@ class ComposabilityCallback(InterpretationCallback):
         dissection, probe = self._dissection(trainer, module, epoch, layer)
         if dissection is None:
             return {}
+        # every rank sees the same first probe item, so all take the same branch
+        x = probe[0]["image"][None].to(module.device)
+        units = module.unit_contributions(x)[0].shape[1]
+        if units != dissection.num_units:
+            if not getattr(self, "_warned_units", False):
+                log.warning("composability skipped: %s has %d units in unit_contributions but layer %r has %d "
+                            "channels; set callbacks.composability.layer (or model.composability_layer) to the layer "
+                            "whose channels are those units", type(module).__name__, units, layer,
+                            dissection.num_units)
+                self._warned_units = True
+            return {}
         class_concepts = getattr(probe, "class_concepts", None)
         dm = getattr(trainer, "datamodule", None)
         class_names = getattr(dm, "class_names", None)

@@ -158,3 +158,14 @@ def test_applies_only_to_models_with_unit_contributions():
             return x
     assert ComposabilityCallback().applies_to(small_cnn())
     assert not ComposabilityCallback().applies_to(NoUnits(num_classes=2))
+
+
+def test_unit_count_mismatch_is_skipped_with_a_warning(tmp_path, caplog):
+    model = small_cnn()
+    dm = ToyDataModule(ToyProbe(n=6, size=16))
+    trainer = fake_trainer(tmp_path, dm)
+    trainer.callbacks = []
+    cb = ComposabilityCallback(layer="backbone.conv1", probe_size=6)   # 4 channels, but the head has 8 units
+    with caplog.at_level("WARNING"):
+        assert cb.execute(trainer, model) == {}
+    assert "composability skipped" in caplog.text and "backbone.conv1" in caplog.text
