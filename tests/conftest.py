@@ -25,7 +25,7 @@ import torch  # noqa: E402
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose as hydra_compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
@@ -37,7 +37,7 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
     """Compose conf/train.yaml like `python train.py <overrides>` would, with the run folder at `output_dir`."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides or []), return_hydra_config=True)
+        cfg = hydra_compose("train", overrides=list(overrides or []), return_hydra_config=True)
     if output_dir is not None:
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(output_dir)

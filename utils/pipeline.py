@@ -99,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                        "seconds": round(time.time() - started, 2)}
             if trainer is not None:
                 payload.update(epochs_completed=int(trainer.current_epoch), global_step=int(trainer.global_step),
+                               world_size=int(trainer.world_size),
                                best_checkpoint=best_checkpoint(trainer), **run_info(cfg))
             if error is not None:
                 payload["error"] = f"{type(error).__name__}: {error}"
