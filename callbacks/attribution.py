@@ -194,7 +194,7 @@ class CAM(Attribution):
         if contrib is None:
             raise ValueError(f"{type(self.model).__name__}.unit_contributions returned None: its head is not a sum "
                              f"over units, so CAM does not apply; use gradcam")
-        acts, weights = contrib
+        acts, weights = contrib[0].detach(), contrib[1].detach()
         A = captured[-1]
         if A.dim() != 4 or A.shape[1] != acts.shape[1] or not torch.allclose(A.mean((2, 3)), acts, rtol=1e-3,
                                                                               atol=1e-4):

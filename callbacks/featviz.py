@@ -320,21 +320,40 @@ class _Context:
         self.scores: Tensor | None = None
 
 
+PRE_RELU = ":pre_relu"
+
+
+def _hook_point(model: nn.Module, name: str) -> tuple[nn.Module, bool]:
+    """(module, pre) for a layer name; "<layer>:pre_relu" is the input of the last nn.ReLU inside <layer>: a unit
+    that is off (0 after the ReLU) on the initial image has zero gradient there, but not before the ReLU (the reason
+    lucid optimises *_pre_relu layers)."""
+    if not name.endswith(PRE_RELU):
+        return resolve_layer(model, name), False
+    base = name[: -len(PRE_RELU)]
+    relus = [m for m in resolve_layer(model, base).modules() if isinstance(m, nn.ReLU)]
+    if not relus:
+        raise ValueError(f"layer {base!r} has no nn.ReLU module, so {name!r} does not exist; use {base!r}")
+    return relus[-1], True
+
+
 def objective_forward(model: nn.Module, objective: Objective, x: Tensor) -> Tensor:
     """One forward pass with the objective's layers hooked -> objective value [B]; hooks removed in finally."""
     ctx = _Context()
-    layers = {name: resolve_layer(model, name) for name in objective.layers}
+    points = {name: _hook_point(model, name) for name in objective.layers}
     handles = []
 
-    def make_hook(name):
-        def hook(module, inputs, output):
-            ctx.acts[name] = output
-            if not objective.needs_scores and len(ctx.acts) == len(layers):
-                raise _StopForward
-        return hook
+    def record(name, value):
+        ctx.acts[name] = value
+        if not objective.needs_scores and len(ctx.acts) == len(points):
+            raise _StopForward
+
     try:
-        for name, layer in layers.items():
-            handles.append(layer.register_forward_hook(make_hook(name)))
+        for name, (module, pre) in points.items():
+            if pre:  # clone: an inplace ReLU would overwrite its input after this hook
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, inputs, name=name: record(name, inputs[0].clone())))
+            else:
+                handles.append(module.register_forward_hook(lambda m, inputs, out, name=name: record(name, out)))
         try:
             scores = scores_fn_of(model)(x)
             ctx.scores = scores if objective.needs_scores else None
@@ -343,7 +362,7 @@ def objective_forward(model: nn.Module, objective: Objective, x: Tensor) -> Tens
     finally:
         for h in handles:
             h.remove()
-    missing = set(layers) - set(ctx.acts)
+    missing = set(points) - set(ctx.acts)
     if missing:
         raise RuntimeError(f"layers {sorted(missing)} did not run in the model's forward pass")
     return objective(ctx)
@@ -459,20 +478,25 @@ def save_grid(images01: Tensor, path, nrow: int, upscale: int = 1) -> None:
 # ===================================================================================================================
 # The callback
 # ===================================================================================================================
+# A unit that is exactly 0 (off after its ReLU) on the initial grey image has gain final / GAIN_FLOOR.
+GAIN_FLOOR = 1e-6
+
+
 class FeatureVisualizationCallback(InterpretationCallback):
     """Every `every_n_epochs` (and after the last epoch): feature visualizations of the first `num_units` channels of
     `layer` (and the class logits when `classes` is true), the units split over ranks, `steps` Adam steps each;
     the first-layer filter grid; the top-`k_patches` activating probe patches per unit (probe images sharded, the
     candidates gathered). Rank 0 writes units.png / classes.png / filters.png / patches.png and featviz.json.
 
-    Metrics: interp/featviz/activation_gain_{min,median} (final / initial channel activation on the untransformed
-    image), interp/featviz/activation_final_mean."""
+    Units are optimised before the layer's last ReLU (`pre_relu`) and measured after it. Metrics:
+    interp/featviz/activation_gain_{min,median} (final / initial mean channel activation on the untransformed image,
+    the initial one floored at GAIN_FLOOR), interp/featviz/activation_final_mean."""
 
     name = "featviz"
 
     def __init__(self, layer: str | None = None, num_units: int = 8, classes: bool = True, steps: int = 64,
                  lr: float = 0.05, parametrisation: str = "fourier", decorrelate: bool = True,
-                 transforms: bool = True, k_patches: int = 6, patch_size: int | None = None, max_images: int = 256,
+                 transforms: bool = True, pre_relu: bool = True, k_patches: int = 6, patch_size: int | None = None, max_images: int = 256,
                  split: str = "val", seed: int = 0, **kwargs):
         kwargs.setdefault("every_n_epochs", 4)
         super().__init__(**kwargs)
@@ -483,6 +507,7 @@ class FeatureVisualizationCallback(InterpretationCallback):
             raise ValueError("callbacks.featviz.steps and num_units must be >= 1")
         self.layer, self.num_units, self.classes, self.steps, self.lr = layer, int(num_units), classes, steps, lr
         self.parametrisation, self.decorrelate, self.transforms = parametrisation, decorrelate, transforms
+        self.pre_relu = pre_relu
         self.k_patches, self.patch_size, self.max_images = int(k_patches), patch_size, int(max_images)
         self.split, self.seed = split, seed
 
@@ -531,15 +556,18 @@ class FeatureVisualizationCallback(InterpretationCallback):
             gen = torch.Generator().manual_seed(self.seed + 7919 * D.rank())
             param = PARAMETRISATIONS[self.parametrisation](len(mine), channels, size, decorrelate=self.decorrelate,
                                                           colour_sqrt=colour_sqrt, device=device, generator=gen)
-            objective = self._objective(layer, mine)
+            # optimised before the layer's last ReLU (units off at the start still get a gradient); measured after
+            # it, as the unit's activation
+            target = f"{layer}{PRE_RELU}" if self.pre_relu and self._has_relu(module, layer) else layer
+            objective, measure = self._objective(target, mine), self._objective(layer, mine)
             with torch.no_grad():
-                result[:, 0] = objective_forward(module, objective, self._norm(normalize, param()))
+                result[:, 0] = objective_forward(module, measure, self._norm(normalize, param()))
             transforms = standard_transforms(size / 224) if self.transforms else None
             images, _ = visualize(module, objective, param, transforms, self.steps, self.lr,
                                   lambda img: self._norm(normalize, img), seed=self.seed + D.rank(),
                                   progress=lambda it: self.progress(it, "optimise", total=self.steps))
             with torch.no_grad():
-                result[:, 1] = objective_forward(module, objective, self._norm(normalize, images))
+                result[:, 1] = objective_forward(module, measure, self._norm(normalize, images))
         result, images = D.all_gather_cat(result), D.all_gather_cat(images)
 
         # ---- maximally activating patches: probe images sharded, candidates gathered --------------------------
@@ -561,13 +589,17 @@ class FeatureVisualizationCallback(InterpretationCallback):
         pos = pos.gather(0, top.indices[..., None].expand(-1, -1, 2))
 
         unit_rows = [i for i, j in enumerate(jobs) if j[0] == "unit"]
-        gains = (result[unit_rows, 1] / result[unit_rows, 0].clamp_min(1e-12)).cpu()
+        gains = (result[unit_rows, 1] / result[unit_rows, 0].clamp_min(GAIN_FLOOR)).cpu()
         metrics = {"activation_gain_min": float(gains.min()), "activation_gain_median": float(gains.median()),
                    "activation_final_mean": float(result[unit_rows, 1].mean())}
         if self.is_rank_zero:
             self._render(trainer, module, epoch, layer, jobs, result, images, ds, get, idx, pos, map_size,
                          top.values, metrics)
         return metrics
+
+    @staticmethod
+    def _has_relu(module, layer) -> bool:
+        return any(isinstance(m, nn.ReLU) for m in resolve_layer(module, layer).modules())
 
     @staticmethod
     def _norm(normalize, img):
@@ -626,7 +658,8 @@ class FeatureVisualizationCallback(InterpretationCallback):
             "metrics": metrics,
             "units": [{"kind": kind, "index": v, "name": (names[v] if kind == "class" and names else None),
                        "initial": float(result[i, 0]), "final": float(result[i, 1]),
-                       "gain": float(result[i, 1] / max(float(result[i, 0]), 1e-12))}
+                       "gain": (float(result[i, 1] / max(float(result[i, 0]), GAIN_FLOOR)) if kind == "unit"
+                                else None)}
                       for i, (kind, v) in enumerate(jobs)],
             "top_patches": {"dataset_index": idx.T.tolist(), "position": pos.transpose(0, 1).tolist(),
                             "activation": top_vals.T.tolist(), "map_size": list(map_size)}})
