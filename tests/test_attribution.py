@@ -356,20 +356,34 @@ def test_callback_pointing_game_on_an_oracle_map(tmp_path):
 
 
 def _ddp_callback_metrics(rank, world_size, tmp):
+    """Both callbacks on this rank's shard; returns the attribution metrics and featviz's gathered top patches."""
     from pathlib import Path
+
+    from callbacks.featviz import FeatureVisualizationCallback
     model = small_cnn()
+    data = SquaresData(n=13, size=32, empty_every=4)
     cb = _callback(render_methods=["gradcam"])
+    fv = FeatureVisualizationCallback(num_units=3, classes=False, steps=2, k_patches=3, max_images=13, batch_size=4)
     with interpretation_mode(model):
-        return cb.run(fake_trainer(Path(tmp), SquaresData(n=13, size=32, empty_every=4)), model, 0)
+        metrics = cb.run(fake_trainer(Path(tmp), data), model, 0)
+        fv_metrics = fv.run(fake_trainer(Path(tmp), data), model, 0)
+    patches = None
+    if rank == 0:
+        saved = json.loads((Path(tmp) / "interp" / "featviz" / "epoch_000" / "featviz.json").read_text())
+        patches = saved["top_patches"]
+    return metrics, sorted(fv_metrics), patches
 
 
 @pytest.mark.ddp
 def test_two_process_metrics_equal_single_process(tmp_path):
     from tests.ddp_utils import run_ddp
-    single = _ddp_callback_metrics(0, 1, str(tmp_path / "single"))
+    single, fv_keys, single_patches = _ddp_callback_metrics(0, 1, str(tmp_path / "single"))
     results = run_ddp(_ddp_callback_metrics, 2, (str(tmp_path / "ddp"),))
-    assert results[0] == results[1]
-    assert results[0].keys() == single.keys()
+    (m0, k0, patches), (m1, k1, _) = results
+    assert m0 == m1 and k0 == k1 == fv_keys  # identical scalars on every rank (logged without a sync)
+    assert m0.keys() == single.keys()
     for k in single:
-        assert results[0][k] == pytest.approx(single[k], abs=1e-5), k
+        assert m0[k] == pytest.approx(single[k], abs=1e-5), k
+    assert patches["dataset_index"] == single_patches["dataset_index"]  # shards 0-6 and 7-12 merged exactly
+    assert patches["position"] == single_patches["position"]
     assert (tmp_path / "ddp" / "interp" / "attribution" / "epoch_000" / "overlays.png").exists()
