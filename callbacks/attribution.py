@@ -305,7 +305,7 @@ class Occlusion(Attribution):
         from captum.attr import Occlusion as CaptumOcclusion
         B, C, H, W = inputs.shape
         window = self.window or max(2, H // 8)
-        stride = self.stride or max(1, window // 2)
+        stride = self.stride or window  # non-overlapping by default: (H/w)^2 occluded copies per image
         with torch.no_grad():
             scores = self.scores_fn(inputs)
             t = resolve_target(target, scores)
@@ -420,7 +420,7 @@ def randomize_top_layers(model: nn.Module, num_layers: int = 1, seed: int = 0) -
     rand_layers = list(rand.probe_layers().values())
     kept = {id(p) for m in rand_layers[:len(rand_layers) - num_layers] for p in m.parameters()}
     kept_modules = {id(m) for layer in rand_layers[:len(rand_layers) - num_layers] for m in layer.modules()}
-    devices = [p.device for p in rand.parameters() if p.is_cuda][:1]
+    devices = sorted({p.device.index or 0 for p in rand.parameters() if p.is_cuda})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         reset = set()
