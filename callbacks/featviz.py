@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -417,18 +417,26 @@ def first_layer_filters(model: nn.Module) -> Tensor:
     return w / (2 * w.flatten(1).abs().amax(1).clamp_min(1e-12)[:, None, None, None]) + 0.5
 
 
+class TopActivations(NamedTuple):
+    values: Tensor        # [k, U] the unit's maximum over the map, best images first
+    indices: Tensor       # [k, U] dataset indices of those images
+    positions: Tensor     # [k, U, 2] (row, col) of the maximum in the layer's map
+    map_size: tuple       # (h, w) of the layer's map
+    mean_sum: Tensor      # [U] sum over the images of the unit's mean activation (for the data set mean)
+    count: int            # images seen
+
+
 @torch.no_grad()
 def top_activations(model: nn.Module, layer: str, batches, units: Sequence[int], k: int = 8,
-                    index_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple]:
+                    index_offset: int = 0) -> TopActivations:
     """Per unit, the k images of `batches` (normalised image tensors in dataset order, the first at dataset index
-    `index_offset`) where the unit's maximum activation is largest: (values [k, U], dataset indices [k, U],
-    positions [k, U, 2] (row, col) of the maximum in the layer's map, map size (h, w)). Vectorised over units and
+    `index_offset`) where the unit's maximum activation is largest (see TopActivations). Vectorised over units and
     images; the running candidates are merged with one top-k per batch."""
     units_t = torch.as_tensor(list(units), dtype=torch.long)
     vals = idx = pos = None
     seen = index_offset
     layer_m = resolve_layer(model, layer)
-    shape = None
+    shape, mean_sum = None, 0.0
     for x in batches:
         captured = []
         handle = layer_m.register_forward_hook(lambda m, i, o: captured.append(o))
@@ -438,6 +446,7 @@ def top_activations(model: nn.Module, layer: str, batches, units: Sequence[int],
             handle.remove()
         a = captured[0][:, units_t.to(x.device)]  # [B, U, h, w]
         shape = a.shape[-2:]
+        mean_sum = mean_sum + a.mean((2, 3)).sum(0)
         flat_max, flat_arg = a.flatten(2).max(2)  # [B, U]
         b_idx = torch.arange(seen, seen + len(x), device=x.device)[:, None].expand_as(flat_max)
         p = torch.stack([flat_arg // shape[1], flat_arg % shape[1]], -1)
@@ -451,7 +460,7 @@ def top_activations(model: nn.Module, layer: str, batches, units: Sequence[int],
         pos = pos.gather(0, top.indices[..., None].expand(-1, -1, 2))
     if vals is None:
         raise ValueError("no images to search for top activations")
-    return vals, idx, pos, tuple(shape)
+    return TopActivations(vals, idx, pos, tuple(shape), mean_sum, seen - index_offset)
 
 
 def crop_patches(images01: Tensor, positions: Tensor, map_size: Sequence[int], patch: int) -> Tensor:
@@ -490,7 +499,8 @@ class FeatureVisualizationCallback(InterpretationCallback):
 
     Units are optimised before the layer's last ReLU (`pre_relu`) and measured after it. Metrics:
     interp/featviz/activation_gain_{min,median} (final / initial mean channel activation on the untransformed image,
-    the initial one floored at GAIN_FLOOR), interp/featviz/activation_final_mean."""
+    the initial one floored at GAIN_FLOOR), interp/featviz/activation_final_mean, and
+    interp/featviz/activation_vs_data_min (final / the unit's mean activation over the probe images)."""
 
     name = "featviz"
 
@@ -576,25 +586,30 @@ class FeatureVisualizationCallback(InterpretationCallback):
         batches = (torch.stack([get(shard[j])[0] for j in range(s, min(s + self.batch_size, len(shard)))]).to(device)
                    for s in range(0, len(shard), self.batch_size))
         k = min(self.k_patches, len(ds))
+        mean_sum = torch.zeros(len(units_all), device=device)
         if len(shard):
-            vals, idx, pos, map_size = top_activations(module, layer, batches, units_all, k, index_offset=offset)
+            top = top_activations(module, layer, batches, units_all, k, index_offset=offset)
+            vals, idx, pos, map_size, mean_sum = top.values, top.indices, top.positions, top.map_size, top.mean_sum
         else:
             vals = torch.full((0, len(units_all)), -float("inf"), device=device)
             idx = torch.zeros(0, len(units_all), dtype=torch.long, device=device)
             pos = torch.zeros(0, len(units_all), 2, dtype=torch.long, device=device)
             map_size = tuple(captured[0].shape[-2:])
         vals, idx, pos = D.all_gather_cat(vals), D.all_gather_cat(idx), D.all_gather_cat(pos)
+        data_mean = D.all_reduce_sum(mean_sum) / max(1, len(ds))  # mean channel activation over the probe images
         top = vals.topk(min(k, len(vals)), dim=0)
         idx = idx.gather(0, top.indices)
         pos = pos.gather(0, top.indices[..., None].expand(-1, -1, 2))
 
         unit_rows = [i for i, j in enumerate(jobs) if j[0] == "unit"]
         gains = (result[unit_rows, 1] / result[unit_rows, 0].clamp_min(GAIN_FLOOR)).cpu()
+        vs_data = (result[unit_rows, 1] / data_mean.clamp_min(GAIN_FLOOR)).cpu()
         metrics = {"activation_gain_min": float(gains.min()), "activation_gain_median": float(gains.median()),
-                   "activation_final_mean": float(result[unit_rows, 1].mean())}
+                   "activation_final_mean": float(result[unit_rows, 1].mean()),
+                   "activation_vs_data_min": float(vs_data.min())}
         if self.is_rank_zero:
             self._render(trainer, module, epoch, layer, jobs, result, images, ds, get, idx, pos, map_size,
-                         top.values, metrics)
+                         top.values, metrics, data_mean)
         return metrics
 
     @staticmethod
@@ -625,7 +640,7 @@ class FeatureVisualizationCallback(InterpretationCallback):
         return colour_correlation_sqrt(torch.stack(raws))
 
     def _render(self, trainer, module, epoch, layer, jobs, result, images, ds, get, idx, pos, map_size, top_vals,
-                metrics):
+                metrics, data_mean):
         out = self.epoch_dir(trainer, epoch)
         paths = []
         unit_rows = [i for i, j in enumerate(jobs) if j[0] == "unit"]
@@ -658,6 +673,7 @@ class FeatureVisualizationCallback(InterpretationCallback):
             "metrics": metrics,
             "units": [{"kind": kind, "index": v, "name": (names[v] if kind == "class" and names else None),
                        "initial": float(result[i, 0]), "final": float(result[i, 1]),
+                       "data_mean": float(data_mean[v]) if kind == "unit" else None,
                        "gain": (float(result[i, 1] / max(float(result[i, 0]), GAIN_FLOOR)) if kind == "unit"
                                 else None)}
                       for i, (kind, v) in enumerate(jobs)],

@@ -140,8 +140,8 @@ def test_hooks_removed_after_an_exception_in_the_objective():
 def test_top_activations_equal_brute_force_and_patches_are_exact():
     model = small_cnn()
     x = torch.randn(10, 3, 32, 32)
-    vals, idx, pos, size = top_activations(model, "backbone.conv2", [x[:4], x[4:7], x[7:]], [0, 3], k=3,
-                                           index_offset=100)
+    top = top_activations(model, "backbone.conv2", [x[:4], x[4:7], x[7:]], [0, 3], k=3, index_offset=100)
+    vals, idx, pos, size = top.values, top.indices, top.positions, top.map_size
     cap = []
     h = model.get_probe_layer("backbone.conv2").register_forward_hook(lambda m, i, o: cap.append(o))
     with torch.no_grad():
@@ -151,6 +151,7 @@ def test_top_activations_equal_brute_force_and_patches_are_exact():
     best = a.amax(2).topk(3, dim=0)
     assert torch.equal(vals, best.values) and torch.equal(idx, best.indices + 100)
     arg = a.argmax(2).gather(0, best.indices)
+    assert top.count == 10 and torch.allclose(top.mean_sum, a.mean(2).sum(0), atol=1e-5)
     assert torch.equal(pos[..., 0] * size[1] + pos[..., 1], arg)
     img = torch.arange(2 * 8 * 8, dtype=torch.float).view(1, 2, 8, 8)
     patch = crop_patches(img, torch.tensor([[1, 2]]), (4, 4), 4)  # map (1,2) of 4x4 -> centre (3,5) of 8x8
@@ -177,6 +178,7 @@ def test_callback_writes_grids_and_json(tmp_path):
     assert [u["kind"] for u in saved["units"]] == ["unit"] * 3 + ["class"] * 4
     assert saved["metrics"] == pytest.approx(metrics)
     assert len(saved["top_patches"]["dataset_index"]) == 3 and len(saved["top_patches"]["dataset_index"][0]) == 2
-    assert set(metrics) == {"activation_gain_min", "activation_gain_median", "activation_final_mean"}
+    assert set(metrics) == {"activation_gain_min", "activation_gain_median", "activation_final_mean",
+                            "activation_vs_data_min"}
     with pytest.raises(ValueError, match="fourier, pixel"):
         FeatureVisualizationCallback(parametrisation="dct")
