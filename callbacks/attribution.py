@@ -335,16 +335,24 @@ def heatmap(maps: Tensor) -> Tensor:
 # ===================================================================================================================
 # Evaluation of maps
 # ===================================================================================================================
-def pointing_game(heat: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(hit [B] bool, valid [B] bool). A hit: the map's maximum lies inside the object mask. Images with an empty
-    mask are not valid (never hits; a popular evaluation library counts them as hits); a constant map (no maximum)
-    is a miss. `heat` [B, h, w] at the mask's resolution, `mask` bool [B, h, w]."""
+def pointing_game(heat: Tensor, mask: Tensor, tolerance: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(hit [B] bool, valid [B] bool). A hit: the map's maximum lies inside the object mask or within `tolerance`
+    pixels of it (Zhang et al. 2016 use 15 px at 224 px; tolerance 0 = strictly inside). Images with an empty mask
+    are not valid (never hits; a popular evaluation library counts them as hits); a constant map (no maximum) is a
+    miss. `heat` [B, h, w] at the mask's resolution, `mask` bool [B, h, w]."""
+    B, h, w = mask.shape
     flat, m = heat.flatten(1), mask.flatten(1)
     valid = m.any(1)
     peak = flat.argmax(1)
     informative = flat.amax(1) > flat.amin(1)
-    hit = m.gather(1, peak[:, None]).squeeze(1) & informative & valid
-    return hit, valid
+    if tolerance > 0:
+        ys = torch.arange(h, device=mask.device).repeat_interleave(w)
+        xs = torch.arange(w, device=mask.device).repeat(h)
+        d2 = (ys[None] - (peak // w)[:, None]) ** 2 + (xs[None] - (peak % w)[:, None]) ** 2  # [B, h*w]
+        inside = (d2.masked_fill(~m, h * h + w * w + 1).amin(1).float() <= tolerance ** 2)
+    else:
+        inside = m.gather(1, peak[:, None]).squeeze(1)
+    return inside & informative & valid, valid
 
 
 def energy_in_mask(heat: Tensor, mask: Tensor) -> Tensor:
@@ -547,6 +555,7 @@ class AttributionCallback(InterpretationCallback):
                  layer: str | None = None, target: str = "true", max_images: int = 128, num_render: int = 8,
                  deletion_steps: int = 20, deletion_methods: Sequence[str] | None = None,
                  sanity_method: str | None = "gradcam", sanity_layers: int = 1, sanity_size: int = 32,
+                 pointing_tolerance: float = 15 / 224,
                  split: str = "val", seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         for m in list(methods) + list(render_methods) + list(deletion_methods or []) + \
@@ -561,6 +570,7 @@ class AttributionCallback(InterpretationCallback):
         self.layer, self.target, self.max_images, self.num_render = layer, target, int(max_images), int(num_render)
         self.deletion_steps, self.sanity_method = int(deletion_steps), sanity_method
         self.sanity_layers, self.sanity_size, self.split, self.seed = int(sanity_layers), int(sanity_size), split, seed
+        self.pointing_tolerance = float(pointing_tolerance)
 
     def probe_items(self, trainer):
         """(dataset of probe items, ProbeMasks or None), limited to the first max_images."""
@@ -596,7 +606,7 @@ class AttributionCallback(InterpretationCallback):
         shard = self.shard(ds)
         loader = torch.utils.data.DataLoader(shard, batch_size=self.batch_size, shuffle=False, num_workers=0,
                                              collate_fn=lambda items: collate_probe(items, masks))
-        # per method: [pointing hits, pointing valid, energy sum, energy count, deletion auc sum, deletion count]
+        # per method: [pointing hits, valid masks, energy sum, strict pointing hits, deletion auc sum, count]
         stats = torch.zeros(len(methods), 6, dtype=torch.float64, device=device)
         sanity = torch.zeros(2, dtype=torch.float64, device=device)
         randomized = randomize_top_layers(module, self.sanity_layers, self.seed) if self.sanity_method else None
@@ -616,11 +626,12 @@ class AttributionCallback(InterpretationCallback):
                 heat = heatmap(maps)
                 if mask is not None:
                     h = upsample(heat[:, None], mask.shape[-2:])[:, 0]
-                    hit, valid = pointing_game(h, mask)
+                    tol = self.pointing_tolerance * max(mask.shape[-2:])  # fraction of the side -> mask pixels
+                    hit, valid = pointing_game(h, mask, tol)
                     stats[i, 0] += hit.sum()
                     stats[i, 1] += valid.sum()
                     stats[i, 2] += energy_in_mask(h, mask)[valid].sum()
-                    stats[i, 3] += valid.sum()
+                    stats[i, 3] += pointing_game(h, mask)[0].sum()
                 if name in self.deletion_methods:
                     # chunks of batch_size images: larger forward batches were slower per image on CPU
                     auc = curve_auc(deletion_curve(scores_fn, x, heat, method.target_, self.deletion_steps,
@@ -640,7 +651,8 @@ class AttributionCallback(InterpretationCallback):
             s = stats[i].tolist()
             if s[1] > 0:
                 metrics[f"{name}/pointing_game"] = s[0] / s[1]
-                metrics[f"{name}/energy"] = s[2] / s[3]
+                metrics[f"{name}/pointing_game_strict"] = s[3] / s[1]
+                metrics[f"{name}/energy"] = s[2] / s[1]
             if s[5] > 0:
                 metrics[f"{name}/deletion_auc"] = s[4] / s[5]
         if self.sanity_method and sanity[1] > 0:

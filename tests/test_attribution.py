@@ -225,6 +225,9 @@ def test_pointing_game_ignores_empty_masks():
     # image 2: empty mask -> neither a hit nor counted
     hit, valid = pointing_game(heat, mask)
     assert hit.tolist() == [True, False, False] and valid.tolist() == [True, True, False]
+    # with a tolerance (Zhang et al.: 15 px at 224 px) a peak near the object counts: (1,1) is sqrt(8) from (3,3)
+    assert pointing_game(heat, mask, tolerance=2.9)[0].tolist() == [True, True, False]
+    assert pointing_game(heat, mask, tolerance=2.8)[0].tolist() == [True, False, False]
     flat = torch.zeros(1, 4, 4)   # a constant map has no maximum: a miss, not a lucky argmax
     assert pointing_game(flat, torch.ones(1, 4, 4, dtype=torch.bool))[0].tolist() == [False]
 
