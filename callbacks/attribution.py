@@ -26,7 +26,6 @@ from callbacks.base import InterpretationCallback, write_json
 
 log = logging.getLogger(__name__)
 
-TargetSpec = "int | Tensor | str | None"
 
 
 # ===================================================================================================================

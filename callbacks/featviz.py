@@ -506,7 +506,8 @@ class FeatureVisualizationCallback(InterpretationCallback):
 
     def __init__(self, layer: str | None = None, num_units: int = 8, classes: bool = True, steps: int = 64,
                  lr: float = 0.05, parametrisation: str = "fourier", decorrelate: bool = True,
-                 transforms: bool = True, pre_relu: bool = True, k_patches: int = 6, patch_size: int | None = None, max_images: int = 256,
+                 transforms: bool = True, pre_relu: bool = True, k_patches: int = 6,
+                 patch_size: int | None = None, max_images: int = 256,
                  split: str = "val", seed: int = 0, **kwargs):
         kwargs.setdefault("every_n_epochs", 4)
         super().__init__(**kwargs)
