@@ -14,7 +14,7 @@ from callbacks.attribution import (CAM, METHODS, AttributionCallback, GradCAM, G
                                    spearman)
 from callbacks.base import interpretation_mode
 from models.errors import ConfigError
-from tests.attribution_fixtures import SquaresData, SquaresProbe, ToyCAMNet, fake_trainer, small_cnn
+from tests.test_attribution_helpers import SquaresData, SquaresProbe, ToyCAMNet, fake_trainer, small_cnn
 
 @pytest.fixture(autouse=True)
 def one_thread():

@@ -11,7 +11,7 @@ import torch
 from callbacks.attribution import AttributionCallback
 from callbacks.base import interpretation_mode
 from callbacks.featviz import FeatureVisualizationCallback
-from tests.attribution_fixtures import fake_trainer
+from tests.test_attribution_helpers import fake_trainer
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from callbacks.featviz import (AffineTransform, FeatureVisualizationCallback, Fo
                                class_logit, colour_correlation_sqrt, compose, crop_patches, diversity,
                                first_layer_filters, jitter, neuron, objective_forward, pad, random_rotate,
                                random_scale, standard_transforms, top_activations, unit_activation, visualize)
-from tests.attribution_fixtures import SquaresData, fake_trainer, small_cnn
+from tests.test_attribution_helpers import SquaresData, fake_trainer, small_cnn
 from tests.test_attribution import all_hooks
 
 

@@ -1,4 +1,5 @@
-"""Small synthetic models and probe data for the attribution/featviz tests (independent of the real datamodules).
+"""Small synthetic models and probe data shared by the attribution/featviz tests (no tests here; independent of the
+real datamodules).
 
 The probe set follows the datamodule interface: dict items with image, raw, label, seg [L, h, w] (concept ids),
 image_labels, index; the dataset has concept_categories / class_concepts like a Broden probe set."""
