@@ -1,0 +1,184 @@
+"""Feature visualization pieces against hand-computed values, its safety (parameter grads, hooks, mode), and the
+callback's outputs."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from callbacks.base import interpretation_mode
+from callbacks.featviz import (AffineTransform, FeatureVisualizationCallback, FourierImage, PixelImage, channel,
+                               class_logit, colour_correlation_sqrt, compose, crop_patches, diversity,
+                               first_layer_filters, jitter, neuron, objective_forward, pad, random_rotate,
+                               random_scale, standard_transforms, top_activations, unit_activation, visualize)
+from tests.test_attribution_helpers import SquaresData, fake_trainer, small_cnn
+from tests.test_attribution import all_hooks
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_objectives_add_scale_and_address_one_element_per_unit():
+    a = torch.arange(2 * 3 * 2 * 2, dtype=torch.float).view(2, 3, 2, 2)
+    ctx = SimpleNamespace(acts={"L": a}, scores=torch.tensor([[1.0, 5.0], [7.0, 3.0]]))
+    # element 0 -> channel 2 (mean of 8..11 = 9.5), element 1 -> channel 0 (mean of 12..15 = 13.5)
+    assert channel("L", [2, 0])(ctx).tolist() == [9.5, 13.5]
+    assert channel("L", [1], offset=1)(ctx).tolist() == [0.0, 17.5]  # element 0 is not addressed
+    assert neuron("L", [0, 1], y=1, x=0)(ctx).tolist() == [2.0, 18.0]
+    obj = channel("L", [2, 0]) - 0.5 * class_logit([1, 0]) + 1
+    assert obj(ctx).tolist() == [9.5 - 2.5 + 1, 13.5 - 3.5 + 1]
+    assert obj.layers == ("L",) and obj.needs_scores
+    with pytest.raises(ValueError, match="batch"):
+        channel("L", [0, 1, 2])(ctx)
+
+
+def test_diversity_is_minus_the_mean_gram_cosine_similarity():
+    a = torch.zeros(3, 2, 1, 1)
+    a[0, 0] = a[1, 0] = 1.0   # elements 0 and 1 share a Gram matrix, element 2 is orthogonal to both
+    a[2, 1] = 1.0
+    ctx = SimpleNamespace(acts={"L": a}, scores=None)
+    assert diversity("L")(ctx).tolist() == pytest.approx([-0.5, -0.5, 0.0])
+
+
+def test_fourier_parametrisation_starts_grey_with_1_over_f_scaling():
+    p = FourierImage(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    img = p()
+    assert img.shape == (2, 3, 16, 16) and ((img - 0.5).abs() < 0.05).all()
+    assert p.scale[0, 0] == 16 and p.scale[0, 1] == pytest.approx(16.0)  # f = 1/16 -> 16
+    assert p.scale[0, 4] == pytest.approx(4.0) and p.scale[4, 3] == pytest.approx(1 / (0.25 ** 2 + (3 / 16) ** 2)
+                                                                                  ** 0.5)
+    assert PixelImage(1, 1, 8)().shape == (1, 1, 8, 8)
+
+
+def test_colour_correlation_sqrt_squares_to_the_covariance():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, 1, 8, 8, generator=g)
+    images = torch.cat([base, 0.5 * base + 0.1 * torch.rand(64, 1, 8, 8, generator=g), torch.rand(64, 1, 8, 8,
+                                                                                                   generator=g)], 1)
+    m = colour_correlation_sqrt(images)
+    cov = torch.cov(images.transpose(0, 1).flatten(1))
+    assert torch.allclose(m @ m, cov, atol=1e-5)
+
+
+def test_transforms_shapes_and_fused_affine_equals_sequential():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 20, 20)
+    assert pad(3)(img, g).shape[-1] == 26 and jitter(4)(img, g).shape[-1] == 16
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    smooth = torch.stack([yy, xx, yy * xx])[None].repeat(4, 1, 1, 1)
+    fused = compose([random_scale(), random_rotate(10)])(smooth, torch.Generator().manual_seed(1))
+    g2 = torch.Generator().manual_seed(1)
+    seq = random_rotate(10)(random_scale()(smooth, g2), g2)
+    # one resampling vs two: equal away from the border on a smooth (bilinear-exact) image
+    assert torch.allclose(fused[..., 16:48, 16:48], seq[..., 16:48, 16:48], atol=1e-5)
+    assert isinstance(random_scale(), AffineTransform)
+    assert standard_transforms(64 / 224)(torch.rand(1, 3, 64, 64), g).shape[-1] == 64 + 2 * 3 - 2 - 1
+
+
+def test_visualize_raises_units_and_leaves_the_model_alone():
+    model = small_cnn().train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    layer = "backbone.conv3"
+    param = FourierImage(4, 3, 32, generator=torch.Generator().manual_seed(0))
+    before = unit_activation(model, layer, param().detach(), range(4))
+    images, info = visualize(model, channel(layer + ":pre_relu", range(4)), param, standard_transforms(32 / 224),
+                             steps=150)
+    after = unit_activation(model, layer, images, range(4))
+    # post-ReLU activations rise, also for a unit that is off on the initial image (zero gradient after the ReLU)
+    assert (after > before).all() and (before == 0).any() and info["objective"][-1] > info["objective"][0]
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
+    assert all_hooks(model) == 0
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_forward_stops_after_the_deepest_hooked_layer():
+    model = small_cnn()
+    calls = []
+    h = model.head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        objective_forward(model, channel("backbone.conv2", [0]), torch.randn(1, 3, 32, 32))
+        assert calls == []  # the head never ran
+        objective_forward(model, channel("backbone.conv2", [0]) + class_logit([1]), torch.randn(1, 3, 32, 32))
+        assert calls == [1]
+    finally:
+        h.remove()
+
+
+def test_pre_relu_hook_point_is_the_relu_input():
+    model = small_cnn()
+    x = torch.randn(2, 3, 32, 32)
+    pre = objective_forward(model, channel("backbone.conv4:pre_relu", [0, 1]), x)
+    post = objective_forward(model, channel("backbone.conv4", [0, 1]), x)
+    stage = model.get_probe_layer("backbone.conv4")[0]
+    with torch.no_grad():
+        z = stage[1](stage[0](model.backbone.stages[:3](x)))  # conv -> BN, before the ReLU
+    assert torch.allclose(pre, z[[0, 1], [0, 1]].mean((1, 2)), atol=1e-6)
+    assert torch.allclose(post, z.clamp_min(0)[[0, 1], [0, 1]].mean((1, 2)), atol=1e-6)
+    with pytest.raises(ValueError, match="no nn.ReLU"):
+        objective_forward(torch.nn.Sequential(torch.nn.Identity()), channel("0:pre_relu", [0]), x)
+
+
+def test_hooks_removed_after_an_exception_in_the_objective():
+    model = small_cnn()
+
+    def bad(ctx):
+        raise RuntimeError("objective failed")
+    from callbacks.featviz import Objective
+    with pytest.raises(RuntimeError, match="objective failed"):
+        visualize(model, Objective(bad, ["backbone.conv2"], needs_scores=True), PixelImage(1, 3, 32), steps=2)
+    assert all_hooks(model) == 0
+
+
+def test_top_activations_equal_brute_force_and_patches_are_exact():
+    model = small_cnn()
+    x = torch.randn(10, 3, 32, 32)
+    top = top_activations(model, "backbone.conv2", [x[:4], x[4:7], x[7:]], [0, 3], k=3, index_offset=100)
+    vals, idx, pos, size = top.values, top.indices, top.positions, top.map_size
+    cap = []
+    h = model.get_probe_layer("backbone.conv2").register_forward_hook(lambda m, i, o: cap.append(o))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    a = cap[0][:, [0, 3]].flatten(2)  # [10, 2, h*w]
+    best = a.amax(2).topk(3, dim=0)
+    assert torch.equal(vals, best.values) and torch.equal(idx, best.indices + 100)
+    arg = a.argmax(2).gather(0, best.indices)
+    assert top.count == 10 and torch.allclose(top.mean_sum, a.mean(2).sum(0), atol=1e-5)
+    assert torch.equal(pos[..., 0] * size[1] + pos[..., 1], arg)
+    img = torch.arange(2 * 8 * 8, dtype=torch.float).view(1, 2, 8, 8)
+    patch = crop_patches(img, torch.tensor([[1, 2]]), (4, 4), 4)  # map (1,2) of 4x4 -> centre (3,5) of 8x8
+    assert torch.equal(patch[0], img[0, :, 1:5, 3:7])
+    patch = crop_patches(img, torch.tensor([[3, 3]]), (4, 4), 4)  # clamped inside the image
+    assert torch.equal(patch[0], img[0, :, 4:8, 4:8])
+
+
+def test_first_layer_filters_are_images():
+    f = first_layer_filters(small_cnn())
+    assert f.shape == (8, 3, 3, 3) and f.min() >= 0 and f.max() <= 1
+    assert torch.allclose((f - 0.5).flatten(1).abs().amax(1), torch.full((8,), 0.5))
+
+
+def test_callback_writes_grids_and_json(tmp_path):
+    model = small_cnn()
+    cb = FeatureVisualizationCallback(num_units=3, steps=6, k_patches=2, max_images=10, batch_size=4)
+    with interpretation_mode(model):
+        metrics = cb.run(fake_trainer(tmp_path, SquaresData(n=10, size=32)), model, 2)
+    out = tmp_path / "interp" / "featviz" / "epoch_002"
+    for name in ("units.png", "classes.png", "filters.png", "patches.png"):
+        assert (out / name).stat().st_size > 100, name
+    saved = json.loads((out / "featviz.json").read_text())
+    assert [u["kind"] for u in saved["units"]] == ["unit"] * 3 + ["class"] * 4
+    assert saved["metrics"] == pytest.approx(metrics)
+    assert len(saved["top_patches"]["dataset_index"]) == 3 and len(saved["top_patches"]["dataset_index"][0]) == 2
+    assert set(metrics) == {"activation_gain_min", "activation_gain_median", "activation_final_mean",
+                            "activation_vs_data_min"}
+    with pytest.raises(ValueError, match="fourier, pixel"):
+        FeatureVisualizationCallback(parametrisation="dct")
