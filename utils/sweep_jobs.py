@@ -4,7 +4,7 @@
   sweep's runs sit together in the W&B UI; the group is also written into the job's config.yaml.
 - Failures: a single run raises as usual (nonzero exit). Inside a multirun with `continue_on_failure: true` (the
   default, conf/train.yaml) a failing job is logged with its traceback, its metrics.json says
-  `"status": "failed", "error": ...`, the job returns NaN (Optuna records the trial as failed) and Hydra goes on
+  `"status": "failed", "error": ...`, the job returns None (Optuna records the trial as failed) and Hydra goes on
   with the next job. `SweepSummary` (a Hydra callback, conf/hydra/default.yaml) then lists every job's status in
   <sweep dir>/sweep_summary.json and makes the sweep exit nonzero when a job failed, after all jobs have run.
 """
@@ -57,7 +57,9 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]],
         log.exception("Job %s failed (%s: %s); the sweep goes on (continue_on_failure=true). "
                       "Its metrics.json records the error.", job, type(err).__name__, err)
         _mark_failed(job, err)
-        return float("nan") if cfg.get("optimized_metric") else None
+        # None, not NaN: the Optuna sweeper (1.3.0 + optuna 2.10.1) records a non-float return as a failed trial,
+        # while a NaN makes it call study.tell twice and crash the whole sweep
+        return None
 
 
 def _job_dir(cfg: DictConfig) -> Path:
