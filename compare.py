@@ -33,6 +33,7 @@ DEFAULT_METRICS = (
     "interp/composability/completeness",
     "interp/composability/concept_coverage",
     "interp/composability/sparsity*",
+    "interp/composability/nonzero_weights_per_class",
     "interp/composability/*precision*",
     "interp/composability/*recall*",
 )
@@ -172,9 +173,13 @@ def read_compositions(path: Path) -> tuple[int | None, dict[str, str]]:
     return epoch, out
 
 
+# callbacks/composability.py writes {"classes": [{"class", "statement": "c = A 41% + ...", "concept_shares", ...}],
+# "ibd": [...]}; the IBD decomposition is a different view of the class and is not mixed into the compositions
+IGNORED_KEYS = ("ibd", "metrics")
 _CLASS_KEYS = ("class_name", "class", "name", "label")
 _TERMS_KEYS = ("composition", "terms", "concepts", "units", "top_units", "contributions")
-_TEXT_KEYS = ("text", "composition_text", "formula", "summary")
+_TEXT_KEYS = ("statement", "text", "composition_text", "formula")
+_SHARES_KEYS = ("concept_shares", "shares")
 _CONCEPT_KEYS = ("concept", "label", "name", "concept_name")
 _SHARE_KEYS = ("share", "fraction", "percent", "percentage", "weight", "contribution")
 
@@ -193,6 +198,9 @@ def extract_compositions(data: Any) -> dict[str, str]:
             for key in _TEXT_KEYS:
                 if isinstance(entry.get(key), str):
                     return entry_text(entry[key])
+            for key in _SHARES_KEYS:  # {concept: share}
+                if isinstance(entry.get(key), dict) and entry[key]:
+                    return terms_text([{"concept": c, "share": v} for c, v in entry[key].items()])
             for key in _TERMS_KEYS:
                 if isinstance(entry.get(key), list):
                     text = terms_text(entry[key])
@@ -214,6 +222,8 @@ def extract_compositions(data: Any) -> dict[str, str]:
                 visit(item, depth + 1)
         elif isinstance(node, dict):
             for key, value in node.items():
+                if key in IGNORED_KEYS:
+                    continue
                 if key in ("compositions", "classes", "per_class") and isinstance(value, dict):
                     for cls, entry in value.items():
                         text = entry_text(entry)

@@ -38,11 +38,16 @@ def sweep(tmp_path):
     make_run(root / "0", {"test/acc": 0.91, "val/acc": 0.9, "interp/dissection/interpretable_units": 40.0,
                           "interp/composability/completeness": 0.75, "train/loss": 0.1},
              ["model=cnn", "model.dropout=0.0"],
-             compositions={0: {"classes": [{"class": "red circle", "composition": [
-                                  {"concept": "old", "share": 1.0}]}]},
-                           2: {"classes": [{"class": "red circle", "composition": [
-                                  {"concept": "color=red", "share": 0.41}, {"concept": "object=circle", "share": 0.30}]},
-                                           {"class": "blue square", "text": "blue square = color=blue 55%"}]}})
+             compositions={0: {"classes": [{"class": "red circle", "statement": "red circle = old 100%"}]},
+                           # the layout callbacks/composability.py writes
+                           2: {"epoch": 2, "metrics": {"completeness": 0.75},
+                               "classes": [{"class": "red circle", "num_images": 10,
+                                            "statement": "red circle = color=red 41% + object=circle 30%",
+                                            "concept_shares": {"color=red": 0.41, "object=circle": 0.30},
+                                            "top_units": [{"unit": 3, "concept": "color=red", "share": 0.2}]},
+                                           {"class": "blue square", "concept_shares": {"color=blue": 0.55}}],
+                               "ibd": [{"class": "red circle", "statement": "red circle = 0.9 red + residual"},
+                                       {"class": "green ring", "statement": "green ring = 0.5 green"}]}})
     make_run(root / "1", {"test/acc": 0.85, "val/acc": 0.8, "interp/dissection/interpretable_units": 31.0},
              ["model=cnn", "model.dropout=0.5"])
     make_run(root / "2", {}, ["model=cnn", "model.dropout=2.0"], status="failed")
@@ -73,6 +78,7 @@ def test_compositions_come_from_the_latest_epoch_side_by_side(sweep):
     rows = {r["class"]: r for r in read_csv(out / "compositions.csv")}
     assert rows["red circle"]["sweep/0"] == "color=red 41% + object=circle 30%"  # epoch 2, not epoch 0
     assert rows["blue square"]["sweep/0"] == "color=blue 55%"
+    assert "green ring" not in rows  # IBD statements are not compositions
     assert rows["red circle"]["sweep/1"] == ""  # run without composability results: missing, not dropped
     md = (out / "compositions.md").read_text()
     assert "red circle = color=red 41% + object=circle 30%" in md and "sweep/1: (missing)" in md
