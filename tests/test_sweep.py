@@ -93,6 +93,9 @@ def test_ddp_jobs_in_a_multirun_run_once_each_in_their_own_folder(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert [p.name for p in job_dirs(sweep)] == ["0", "1"]
     assert not (tmp_path / "logs").exists(), "a DDP child started its own run outside the sweep"
+    # upstream (checked with the relaunch disabled) the rank-1 child prints a second "Launching 2 jobs", re-runs
+    # both jobs into the same folders, and job 2 pairs with a stray rank by accident
+    assert out.count("Launching 2 jobs") == 1, "a DDP child re-ran the sweep"
     assert out.count("MEMBER: 2/2") == 2  # exactly one rank-1 process per job
     for job, dropout in (("0", "0.0"), ("1", "0.5")):
         p = assert_complete(sweep / job)
