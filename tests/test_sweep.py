@@ -154,5 +154,5 @@ def test_ddp_job_command_reruns_only_this_job(tmp_path, monkeypatch):
     args = cmd[2:] if cmd[1] != "-m" else cmd[3:]
     assert "-m" not in args and "model.dropout=0.0,0.5" not in args
     assert args == ["-cn", "train", "hydra.searchpath=[file:///x]", "hydra.job.chdir=false", "model=cnn",
-                    "model.dropout=0.5", "trainer=ddp_cpu", f'hydra.run.dir="{tmp_path / "sweep dir" / "1"}"',
+                    "model.dropout=0.5", "trainer=ddp_cpu", "hydra.mode=RUN", f'hydra.run.dir="{tmp_path / "sweep dir" / "1"}"',
                     "hydra.job.name=train", "hydra.output_subdir=null"]

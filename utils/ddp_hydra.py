@@ -116,7 +116,8 @@ def job_command(job_dir: Path) -> list[str]:
     command += config_flags(sys.argv[1:])
     command += [o for o in hc.overrides.hydra if _keep(o)]
     command += list(hc.overrides.task)
-    command += [f"hydra.run.dir={quote_value(str(job_dir))}", f"hydra.job.name={hc.job.name}",
+    # hydra.mode=RUN: a config such as hparams_search/optuna sets hydra.mode=MULTIRUN, which would start a sweep
+    command += ["hydra.mode=RUN", f"hydra.run.dir={quote_value(str(job_dir))}", f"hydra.job.name={hc.job.name}",
                 "hydra.output_subdir=null"]
     return command
 
