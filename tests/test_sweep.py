@@ -40,6 +40,19 @@ def payload(job: Path) -> dict:
     return json.loads((job / "metrics.json").read_text())
 
 
+def wandb_group(job: Path) -> str:
+    """The group recorded in the job's offline W&B run file (its `run` record)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    from utils.wandb_offline import find_run_file, iter_records
+    for raw in iter_records(find_run_file(job)):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "run":
+            return rec.run.run_group
+    raise AssertionError(f"no run record in {find_run_file(job)}")
+
+
 def assert_complete(job: Path) -> dict:
     for f in (".hydra/config.yaml", ".hydra/overrides.yaml", "config.yaml", "metrics.json", "checkpoints/last.ckpt",
               "train.log"):
@@ -68,7 +81,7 @@ def test_multirun_writes_one_complete_folder_per_job_and_compare_reads_them(tmp_
     assert [j["val/acc"] for j in summary["jobs"][:2]] == [d["metrics"]["val/acc"] for d in done]
     # W&B: offline run files inside each job folder, grouped by the sweep folder's name
     for j in ("0", "1"):
-        assert list((sweep / j / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert wandb_group(sweep / j) == "sweep"
         assert OmegaConf.load(sweep / j / "config.yaml").logger.wandb.group == "sweep"
 
     cmp_dir = compare.compare([sweep], quiet=True)
