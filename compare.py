@@ -422,21 +422,35 @@ def print_report(runs: list[Run], cols: list[str], labels: list[list[str]], titl
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(100, min(220, 40 + 14 * len(cols))))
-    table = Table(title=title, show_lines=False)
-    for head in ("run", "varied", "status", *cols):
-        table.add_column(head.replace("interp/", ""), overflow="fold")
-    for r, lab in zip(runs, labels):
-        status = r.status if r.status == "completed" else f"[red]{r.status}[/red]"
-        table.add_row(r.name, " ".join(lab), status,
-                      *[fmt(r.metrics.get(c)) if r.metrics.get(c) is not None else "[dim]missing[/dim]" for c in cols])
+    def cell(r: Run, c: str) -> str:
+        return fmt(r.metrics.get(c)) if r.metrics.get(c) is not None else "[dim]missing[/dim]"
+
+    def status(r: Run) -> str:
+        return r.status if r.status == "completed" else f"[red]{r.status}[/red]"
+
+    if len(runs) <= 8:  # few runs: one column per run, one row per metric (long metric names stay readable)
+        console = Console(width=max(100, min(240, 48 + 34 * len(runs))))
+        table = Table(title=title)
+        table.add_column("")
+        for r, lab in zip(runs, labels):
+            table.add_column(f"{r.name}\n{' '.join(lab)}".strip(), overflow="fold")
+        table.add_row("status", *[status(r) for r in runs], end_section=True)
+        for c in cols:
+            table.add_row(c.replace("interp/", ""), *[cell(r, c) for r in runs])
+    else:
+        console = Console(width=max(100, min(240, 40 + 14 * len(cols))))
+        table = Table(title=title)
+        for head in ("run", "varied", "status", *cols):
+            table.add_column(head.replace("interp/", ""), overflow="fold")
+        for r, lab in zip(runs, labels):
+            table.add_row(r.name, " ".join(lab), status(r), *[cell(r, c) for c in cols])
     console.print(table)
     classes, rows = composition_table(runs)
     if classes:
         comp = Table(title="class compositions (latest composability epoch)", show_lines=True)
         comp.add_column("class")
         for r, lab in zip(runs, labels):
-            comp.add_column(" ".join(lab) or r.name, overflow="fold")
+            comp.add_column(f"{r.name}\n{' '.join(lab)}".strip(), overflow="fold")
         for cls, row in zip(classes, rows):
             comp.add_row(cls, *[text or "[dim]missing[/dim]" for text in row])
         console.print(comp)
@@ -464,10 +478,11 @@ def compare(inputs: list[Path], out: Path | None = None, metrics: list[str] | No
     if not all_cols:
         print(f"warning: no metric matches {patterns}; metrics seen: "
               f"{sorted({k for r in runs for k in r.metrics})[:20]}", file=sys.stderr)
-    labels = varying_overrides(runs)
+    # what distinguishes the runs, within their data set's group
+    by_run = {id(r): lab for group in groups.values() for r, lab in zip(group, varying_overrides(group))}
+    labels = [by_run[id(r)] for r in runs]
     write_csv(out / "comparison.csv", runs, all_cols, labels)
     write_compositions(out, runs, labels)
-    by_run = {id(r): lab for r, lab in zip(runs, labels)}
     for dataset, group in groups.items():
         cols = metric_columns(group, patterns)
         suffix = "" if len(groups) == 1 else "_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)
