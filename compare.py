@@ -397,7 +397,8 @@ def plot(path: Path, runs: list[Run], cols: list[str], labels: list[list[str]], 
         for y, v in zip(ys, values):
             ax.text(0, y, f" {fmt(v)}" if v is not None else " missing", va="center", fontsize=7,
                     color="black" if v is not None else "crimson")
-        ax.set_yticks(ys, [r.name for r in runs] if i % ncols == 0 else [""] * len(runs), fontsize=7)
+        ticks = [short(" ".join(lab), 32) or r.name for r, lab in zip(runs, labels)]
+        ax.set_yticks(ys, ticks if i % ncols == 0 else [""] * len(runs), fontsize=7)
         ax.invert_yaxis()
         ax.set_title(col, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)

@@ -97,7 +97,7 @@ class SweepSummary(_HydraCallback):
         self.fail_on_error = fail_on_error
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
         metric = config.get("optimized_metric")
         jobs = []
         for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
