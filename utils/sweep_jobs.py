@@ -7,6 +7,8 @@
   `"status": "failed", "error": ...`, the job returns None (Optuna records the trial as failed) and Hydra goes on
   with the next job. `SweepSummary` (a Hydra callback, conf/hydra/default.yaml) then lists every job's status in
   <sweep dir>/sweep_summary.json and makes the sweep exit nonzero when a job failed, after all jobs have run.
+  (Left alone, Hydra 1.3 also runs the remaining jobs but then re-raises the first job's error, so no summary is
+  written.) `continue_on_failure: false` stops the sweep at the first failing job instead.
 """
 from __future__ import annotations
 
@@ -51,9 +53,14 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]],
             metrics = train(cfg)
         return optimized_value(cfg, metrics)
     except Exception as err:
-        if not (in_multirun() and cfg.get("continue_on_failure", True)):
+        if not in_multirun():
             raise
         job = _job_dir(cfg)
+        if not cfg.get("continue_on_failure", True):
+            # Hydra's run_job catches every Exception and would go on with the next job; SystemExit is not one
+            _mark_failed(job, err)
+            raise SystemExit(f"Job {job} failed ({type(err).__name__}: {err}); continue_on_failure=false stops the "
+                             f"sweep here. The finished jobs' folders are complete.") from err
         log.exception("Job %s failed (%s: %s); the sweep goes on (continue_on_failure=true). "
                       "Its metrics.json records the error.", job, type(err).__name__, err)
         _mark_failed(job, err)
