@@ -96,6 +96,14 @@ def test_multirun_writes_one_complete_folder_per_job_and_compare_reads_them(tmp_
     assert (cmp_dir / "comparison.png").is_file()
 
 
+def test_continue_on_failure_false_stops_the_sweep_at_the_first_failure(tmp_path):
+    proc, sweep = multirun(tmp_path, "logger=csv", "continue_on_failure=false", "model.dropout=2.0,0.0")
+    assert proc.returncode != 0
+    assert [p.name for p in job_dirs(sweep)] == ["0"]  # job 1 never started
+    assert payload(sweep / "0")["status"] == "failed"
+    assert "dropout" in proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_jobs_in_a_multirun_run_once_each_in_their_own_folder(tmp_path):
