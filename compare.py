@@ -468,7 +468,7 @@ def compare(inputs: list[Path], out: Path | None = None, metrics: list[str] | No
         if not inputs:
             raise CompareError("--out is required with --wandb")
         out = inputs[0] / "comparison"
-    out = prepare_out_dir(out, [r.path for r in runs if r.path.exists()])
+    out = prepare_out_dir(out, [] if wandb_project else [r.path for r in runs])
     patterns = list(metrics or DEFAULT_METRICS)
     groups = group_by_dataset(runs)
     if len(groups) > 1:

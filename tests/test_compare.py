@@ -149,3 +149,37 @@ def test_metric_patterns_choose_and_order_columns(sweep):
     out = compare.compare([sweep], metrics=["val/*", "train/*", "test/acc"], quiet=True)
     header = list(read_csv(out / "comparison.csv")[0])
     assert [h for h in header if "/" in h] == ["val/acc", "train/loss", "test/acc"]
+
+
+def test_wandb_project_runs_are_read_through_the_api(monkeypatch, tmp_path):
+    import wandb
+
+    class FakeRun:
+        def __init__(self, name, acc):
+            self.name, self.id, self.group, self.state, self.url = name, name, "sweep-a", "finished", None
+            self.summary = {"test/acc": acc, "_step": 3, "note": "text"}
+            self.config = {"model/_target_": "models.cnn.CNNClassifier", "model": {"k": 5}}
+
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, timeout=None):
+            pass
+
+        def runs(self, path, filters=None):
+            seen.update(path=path, filters=filters)
+            return [FakeRun("r1", 0.8), FakeRun("r2", 0.6)]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    out = compare.compare([], out=tmp_path / "cmp", wandb_project="me/proj", wandb_group="sweep-a", quiet=True)
+    assert seen == {"path": "me/proj", "filters": {"group": "sweep-a"}}
+    rows = read_csv(out / "comparison.csv")
+    assert [(r["run"], r["test/acc"]) for r in rows] == [("sweep-a/r1", "0.8"), ("sweep-a/r2", "0.6")]
+
+    class OfflineApi:
+        def __init__(self, timeout=None):
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr(wandb, "Api", OfflineApi)
+    with pytest.raises(compare.CompareError, match="Offline runs are not visible"):
+        compare.compare([], out=tmp_path / "cmp2", wandb_project="me/proj", quiet=True)
