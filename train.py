@@ -15,12 +15,13 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from utils.pipeline import optimized_value, train  # noqa: E402
+from utils.sweep_jobs import run_job  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return optimized_value(cfg, metrics)
+    # multirun: a DDP job runs in its own process, a failing job is recorded and the sweep goes on (sweep_jobs.py)
+    return run_job(cfg, train, optimized_value)
 
 
 if __name__ == "__main__":

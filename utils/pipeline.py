@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from utils.checkpoint_io import AtomicCheckpointIO
 from utils.run_files import scalar_metrics, write_metrics_json
+from utils.sweep_jobs import apply_sweep_group
 from utils.wandb_setup import configure_wandb, finish_wandb, sync_hint
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         if cfg.get("seed") is not None:
             pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        apply_sweep_group(cfg)  # multirun: W&B group = sweep folder name
         if is_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -100,7 +102,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if trainer is not None:
                 payload.update(epochs_completed=int(trainer.current_epoch), global_step=int(trainer.global_step),
                                world_size=int(trainer.world_size),
-                               best_checkpoint=best_checkpoint(trainer), **run_info(cfg))
+                               best_checkpoint=best_checkpoint(trainer))
+            payload.update(run_info(cfg))  # also for a job that failed before the trainer existed (sweeps)
             if error is not None:
                 payload["error"] = f"{type(error).__name__}: {error}"
             write_metrics_json(run_dir / "metrics.json", payload)
