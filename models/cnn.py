@@ -1,6 +1,7 @@
 """The plain CNN baseline: a backbone, global average pooling and a linear head."""
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
@@ -8,6 +9,8 @@ from torch import nn
 
 from models.backbones import build_backbone
 from models.base import ClassifierModule
+
+log = logging.getLogger(__name__)
 
 
 class PooledHeadClassifier(ClassifierModule):
@@ -42,4 +45,14 @@ class PooledHeadClassifier(ClassifierModule):
 
 
 class CNNClassifier(PooledHeadClassifier):
-    """`model=cnn`."""
+    """`model=cnn`: the dense baseline.
+
+    `k` is accepted so that one sweep can cover the baseline and the Dynamic-K head
+    (`python train.py -m model=cnn,dynconn model.k=5,10`); the dense head uses every unit, so a set `k` only
+    produces a warning and is recorded with the run."""
+
+    def __init__(self, num_classes: int, k: int | None = None, **kwargs):
+        super().__init__(num_classes=num_classes, **kwargs)
+        if k is not None:
+            log.warning("model=cnn has a dense linear head: model.k=%s has no effect (this job is the dense "
+                        "baseline of a sweep over k; model=dynconn uses k)", k)

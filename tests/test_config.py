@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
@@ -94,3 +95,18 @@ def test_unknown_key_is_rejected(tmp_path):
     with pytest.raises((ConfigCompositionException, ConfigAttributeError)) as err:
         compose_config(["trainer.max_epoch=3"], tmp_path)  # typo of max_epochs
     assert "max_epoch" in str(err.value)
+
+
+@pytest.mark.parametrize("model", ["cnn", "dynconn"])
+def test_the_readme_sweep_over_k_composes_for_every_job(model, tmp_path, caplog):
+    """`python train.py -m model=cnn,dynconn model.k=5,10`: every job composes; only dynconn routes top-K, the
+    dense cnn baseline says that k has no effect on it."""
+    cfg = compose_config([f"model={model}", "model.k=10"], tmp_path)
+    with caplog.at_level("WARNING"):
+        net = hydra.utils.instantiate(cfg.model)
+    if model == "dynconn":
+        assert net.k == 10
+        assert "no effect" not in caplog.text
+    else:
+        assert isinstance(net.head, torch.nn.Linear)
+        assert "model.k=10 has no effect" in caplog.text
