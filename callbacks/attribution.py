@@ -672,7 +672,9 @@ class AttributionCallback(InterpretationCallback):
             CAM(module, self.layer).attribute(item["image"].to(device))
             return True
         except ValueError as err:
-            log.info("attribution: CAM skipped for %s (%s)", type(module).__name__, err)
+            if not getattr(self, "_cam_skip_logged", False):  # once per run, not every epoch
+                log.info("attribution: CAM skipped for %s (%s)", type(module).__name__, err)
+                self._cam_skip_logged = True
             return False
 
     def _render(self, trainer, module, ds, masks, epoch, metrics):

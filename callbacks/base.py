@@ -49,6 +49,26 @@ def interpretation_mode(module: torch.nn.Module):
 
 
 @contextlib.contextmanager
+def preserved_rng(device: torch.device | None = None):
+    """The random streams of torch (CPU and the module's CUDA device), Python and NumPy are restored afterwards, so
+    an interpretation method that draws random numbers (sampling, random init, randomisation tests) leaves the
+    training run exactly as it would have been without it."""
+    import random
+
+    import numpy as np
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
 def forward_hooks(modules: Iterable[torch.nn.Module], hook):
     """Register `hook` on each module; the handles are removed even when the body raises."""
     handles = []
@@ -114,7 +134,7 @@ class InterpretationCallback(Callback):
         epoch = trainer.current_epoch
         error: BaseException | None = None
         metrics: dict[str, float] = {}
-        with interpretation_mode(pl_module):
+        with interpretation_mode(pl_module), preserved_rng(pl_module.device):
             try:
                 metrics = self.run(trainer, pl_module, epoch) or {}
             except Exception as err:  # collected, then raised on every rank together
@@ -177,10 +197,22 @@ class InterpretationCallback(Callback):
         """Rank 0 only: PNG files to W&B under `interp/<name>/<key>`, stepped by the trainer's global step."""
         if not self.is_rank_zero:
             return
-        for lg in self.wandb_loggers(trainer):
-            extra = {"caption": list(captions)} if captions else {}
-            lg.log_image(key=f"interp/{self.name}/{key}", images=[str(p) for p in paths], step=trainer.global_step,
-                         **extra)
+        loggers = self.wandb_loggers(trainer)
+        if not loggers or not paths:
+            return
+        from PIL import Image
+        sizes = set()
+        for p in paths:
+            with Image.open(p) as im:
+                sizes.add(im.size)
+        # W&B shows one image list per key and needs equal sizes in it: figures of different sizes get a key each
+        groups = [(f"interp/{self.name}/{key}", list(paths), captions)] if len(sizes) == 1 else [
+            (f"interp/{self.name}/{key}/{Path(p).stem}", [p], [captions[i]] if captions else None)
+            for i, p in enumerate(paths)]
+        for lg in loggers:
+            for wandb_key, group, caps in groups:
+                extra = {"caption": list(caps)} if caps else {}
+                lg.log_image(key=wandb_key, images=[str(p) for p in group], step=trainer.global_step, **extra)
 
     def log_table(self, trainer: Trainer, key: str, columns: list[str], rows: list[list]):
         if not self.is_rank_zero:

@@ -59,6 +59,18 @@ def masked_min(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.masked_fill(~mask, math.inf).min(dim=-1).values
 
 
+class SimilarityMaps(nn.Module):
+    """Distance maps [B, m, H, W] -> per-patch similarity maps: a module of its own so that probes (dissection,
+    composability) see one channel per prototype, high where the prototype is present."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        return distance_to_similarity(d, self.kind)
+
+
 class AddOnLayers(nn.Sequential):
     """1x1 conv (C -> D) + ReLU + 1x1 conv (D -> D) + Sigmoid: patch features in [0, 1]^D."""
 
@@ -156,6 +168,8 @@ class ProtoPNet(ClassifierModule):
     """`model=protopnet`. See the module docstring and docs/protopnet.md."""
 
     default_probe_layer = "add_on"
+    # the decision is a sum over prototypes, so composability reads the prototypes' similarity maps
+    composability_layer = "prototypes"
 
     def __init__(self, num_classes: int, channels: int = 3, image_size: int = 64, backbone: str = "small",
                  pretrained=None, widths=None, prototypes_per_class: int = 10, prototype_dim: int = 128,
@@ -212,6 +226,7 @@ class ProtoPNet(ClassifierModule):
         self.register_buffer("prototype_class_identity", F.one_hot(owner, self.num_classes).float())
         # pruned prototypes stay in the tensors (checkpoints keep their shapes) but are masked out everywhere
         self.register_buffer("prototype_active", torch.ones(self.num_prototypes, dtype=torch.bool))
+        self.prototype_maps = SimilarityMaps(similarity)
         self.last_layer = nn.Linear(self.num_prototypes, self.num_classes, bias=False)
         self.set_last_layer_incorrect_connection(-0.5)
 
@@ -240,7 +255,8 @@ class ProtoPNet(ClassifierModule):
 
     def outputs_from_distances(self, d: torch.Tensor) -> PrototypeOutputs:
         min_d = d.flatten(2).min(dim=2).values  # min-pooling over positions
-        sim = distance_to_similarity(min_d, self.similarity) * self.prototype_active
+        # max-pooled similarity maps = the similarity of the min-pooled distance (a decreasing function of it)
+        sim = self.prototype_maps(d).flatten(2).amax(dim=2) * self.prototype_active
         return PrototypeOutputs(self.last_layer(sim), min_d, sim)
 
     def prototype_outputs(self, x: torch.Tensor) -> PrototypeOutputs:
@@ -251,10 +267,11 @@ class ProtoPNet(ClassifierModule):
 
     def similarity_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Per-patch similarity of every prototype, [B, m, H, W] (what "this looks like that" shows)."""
-        return distance_to_similarity(self.distances(self.prototype_features(x)), self.similarity)
+        return self.prototype_maps(self.distances(self.prototype_features(x)))
 
     def probe_layers(self) -> "OrderedDict[str, nn.Module]":
-        return OrderedDict(list(self.backbone.probe_layers.items()) + [("add_on", self.add_on)])
+        return OrderedDict(list(self.backbone.probe_layers.items()) + [("add_on", self.add_on),
+                                                                      ("prototypes", self.prototype_maps)])
 
     def unit_contributions(self, x):
         # the decision is a sum over prototypes: logit_c = sum_j sim_j * w_cj
