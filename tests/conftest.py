@@ -73,11 +73,36 @@ def run_train(tmp_path):
 TRAINED_CNN_OVERRIDES = ["model=cnn", "logger=none", "callbacks=minimal", "test=true"]
 
 
+def _training_fingerprint() -> str:
+    """Hash of what decides the cached model: the overrides, the config tree and the model/data code. A change to
+    any of them trains afresh instead of testing a stale model."""
+    import hashlib
+    root = Path(CONF).parent
+    h = hashlib.sha256(repr(TRAINED_CNN_OVERRIDES).encode())
+    for folder, pattern in (("conf", "**/*.yaml"), ("models", "*.py"), ("datamodules", "*.py"), ("utils", "*.py")):
+        for f in sorted((root / folder).glob(pattern)):
+            h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+TRAINED_CNN_FIXTURES = {"trained_cnn", "trained_cnn_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of the shared trained cnn run on one xdist worker (`--dist loadgroup`), so the other worker never idles
+    on the training lock, and may wait for that training (a cold cache trains the default cnn first)."""
+    for item in items:
+        if TRAINED_CNN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("trained_cnn"))
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(1800))
+
+
 @pytest.fixture(scope="session")
 def trained_cnn_run() -> Path:
     """Run folder of the default cnn trained on shapes (cached across test sessions in .test-cache/)."""
     from filelock import FileLock
-    out = CACHE / "trained" / "cnn-default"
+    out = CACHE / "trained" / f"cnn-default-{_training_fingerprint()}"
     CACHE.mkdir(parents=True, exist_ok=True)
     with FileLock(str(CACHE / "trained-cnn.lock")):
         if not (out / "metrics.json").is_file() or not (out / "checkpoints" / "last.ckpt").is_file():
