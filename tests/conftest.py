@@ -88,6 +88,7 @@ def _training_fingerprint() -> str:
 TRAINED_CNN_FIXTURES = {"trained_cnn", "trained_cnn_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     """Tests of the shared trained cnn run on one xdist worker (`--dist loadgroup`), so the other worker never idles
     on the training lock, and may wait for that training (a cold cache trains the default cnn first)."""

@@ -57,7 +57,7 @@ def test_trained_cnn_units_detect_the_defining_concepts(trained_cnn):
 @pytest.mark.slow
 def test_default_callbacks_end_to_end_write_metrics_json(run_train, tmp_path):
     out = tmp_path / "run"
-    run_train(["logger=none", "trainer.max_epochs=1", "datamodule.n_train=240", "datamodule.n_val=120",
+    run_train(["model=cnn", "logger=none", "trainer.max_epochs=1", "datamodule.n_train=240", "datamodule.n_val=120",
                "datamodule.n_test=60", "callbacks.dissection.probe_size=120", "callbacks.composability.probe_size=120"],
               out)
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]

@@ -12,8 +12,10 @@ from callbacks.dynconn_stats import predicted_evidence, units_for_evidence  # no
 
 @pytest.mark.slow
 def test_dynconn_learns_shapes_with_sparser_evidence_than_dense_head(run_train, trained_cnn):
-    metrics = run_train(["model=dynconn", "model.k=5", "experiment=quick", "logger=none", "seed=0"])
-    assert metrics["test/acc"] > 0.6  # 12 classes: chance is 0.083
+    # the default 6000 training images, 5 of the default 8 epochs, only the Dynamic-K statistics (0.81 here)
+    metrics = run_train(["model=dynconn", "model.k=5", "logger=none", "callbacks=[minimal,dynconn_stats]",
+                         "trainer.max_epochs=5", "seed=0"])
+    assert metrics["test/acc"] > 0.7  # 12 classes: chance is 0.083
     dyn_units = metrics["interp/dynconn/units_for_90pct"]
     assert 1.0 <= dyn_units <= 5.0  # only the K routed units carry evidence
     cnn, dm = trained_cnn
