@@ -288,6 +288,22 @@ def compose(transforms: Sequence[Callable]):
     return fn
 
 
+def fit_size(img: Tensor, size: Sequence[int], value: float = 0.5) -> Tensor:
+    """Centre-crop (or pad with grey) the transformed images back to `size` = (H, W): models with a fixed input
+    geometry (CapsNet's primary-capsule grid, a linear layer on flattened maps) see the size they were built for;
+    the random jitter before it still shifts the content."""
+    H, W = int(size[0]), int(size[1])
+    h, w = img.shape[-2:]
+    if (h, w) == (H, W):
+        return img
+    if h < H or w < W:
+        dh, dw = max(0, H - h), max(0, W - w)
+        img = F.pad(img, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="constant", value=value)
+        h, w = img.shape[-2:]
+    top, left = (h - H) // 2, (w - W) // 2
+    return img[..., top:top + H, left:left + W]
+
+
 def standard_transforms(scale: float = 1.0):
     """pad 12, jitter 8, scale 0.9-1.1, rotate +-10 degrees, jitter 4 (lucid's defaults, for 224 px); `scale`
     shrinks the pixel amounts for small images (64 px: 64/224)."""
@@ -384,7 +400,8 @@ def visualize(model: nn.Module, objective: Objective, param: nn.Module, transfor
     history = []
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         for _ in (progress(range(steps)) if progress else range(steps)):
-            x = normalize(transforms(param(), g))
+            img = param()
+            x = normalize(fit_size(transforms(img, g), img.shape[-2:]))
             value = objective_forward(model, objective, x)
             grads = torch.autograd.grad(-value.sum(), params)  # image parameters only: model .grad untouched
             for p, gr in zip(params, grads):

@@ -12,7 +12,8 @@ from callbacks.base import interpretation_mode
 from callbacks.featviz import (AffineTransform, FeatureVisualizationCallback, FourierImage, PixelImage, channel,
                                class_logit, colour_correlation_sqrt, compose, crop_patches, diversity,
                                first_layer_filters, jitter, neuron, objective_forward, pad, random_rotate,
-                               random_scale, standard_transforms, top_activations, unit_activation, visualize)
+                               random_scale, standard_transforms, top_activations, unit_activation, visualize,
+                               fit_size)
 from tests.test_attribution_helpers import SquaresData, fake_trainer, small_cnn
 from tests.test_attribution import all_hooks
 
@@ -182,3 +183,31 @@ def test_callback_writes_grids_and_json(tmp_path):
                             "activation_vs_data_min"}
     with pytest.raises(ValueError, match="fourier, pixel"):
         FeatureVisualizationCallback(parametrisation="dct")
+
+
+def test_fit_size_crops_the_centre_or_pads_grey():
+    img = torch.arange(2 * 1 * 6 * 6, dtype=torch.float).view(2, 1, 6, 6)
+    assert torch.equal(fit_size(img, (4, 4)), img[..., 1:5, 1:5])
+    assert torch.equal(fit_size(img, (6, 6)), img)
+    big = fit_size(img, (8, 7))
+    assert big.shape[-2:] == (8, 7) and torch.equal(big[..., 1:7, 0:6], img) and (big[..., 0, :] == 0.5).all()
+
+
+def test_visualize_feeds_fixed_geometry_models_their_input_size():
+    """A model that only takes 28x28 (like CapsNet's primary-capsule grid) under the standard transforms, which
+    change the size (28 + 2*2 - 1 - 1 = 30 before fitting)."""
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * 28 * 28, 3)
+
+        def forward(self, x):
+            assert x.shape[-2:] == (28, 28), x.shape
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    g = torch.Generator().manual_seed(0)
+    assert standard_transforms(28 / 224)(torch.rand(1, 1, 28, 28), g).shape[-1] == 30
+    param = PixelImage(2, 1, 28, generator=torch.Generator().manual_seed(0))
+    images, info = visualize(Fixed(), channel("conv", [0, 1]), param, standard_transforms(28 / 224), steps=5)
+    assert images.shape == (2, 1, 28, 28) and len(info["objective"]) == 5
