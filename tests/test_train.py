@@ -13,7 +13,7 @@ import torch
 
 from models.base import NonFiniteLossError
 from tests.conftest import ROOT
-from utils.wandb_offline import find_run_file, read_history
+from utils.wandb_offline import find_run_file, has_exit_record, read_history
 
 # a small shapes set: every test below generates it once (cached in .test-cache/data)
 SMALL = ["datamodule.n_train=480", "datamodule.n_val=120", "datamodule.n_test=120", "datamodule.batch_size=60"]
@@ -38,7 +38,13 @@ def test_offline_wandb_run_is_self_contained_and_readable(run_train, tmp_path):
     run = tmp_path / "run"
     metrics = run_train([*QUICK, "logger=wandb", "trainer.max_epochs=2"], run)
     assert os.environ["WANDB_MODE"] == "offline"
-    history = read_history(find_run_file(run))
+    log_file = find_run_file(run)
+    # train() returns only once W&B's service has written the whole log (it ends with the run's exit record)
+    assert has_exit_record(log_file)
+    truncated = tmp_path / "truncated.wandb"
+    truncated.write_bytes(log_file.read_bytes()[: log_file.stat().st_size // 2])
+    assert not has_exit_record(truncated)
+    history = read_history(log_file)
     val_rows = [r for r in history if "val/acc" in r]
     assert [r["epoch"] for r in val_rows] == [0, 1]
     # the last logged val/acc is the one metrics.json reports

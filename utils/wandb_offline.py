@@ -62,6 +62,17 @@ def read_history(path: str | Path) -> list[dict]:
     return rows
 
 
+def has_exit_record(path: str | Path) -> bool:
+    """Whether the run's log holds its final `exit` record (written when the run finishes)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    for raw in iter_records(path):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "exit":
+            return True
+    return False
+
+
 def find_run_file(run_dir: str | Path) -> Path:
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     if not files:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import netrc
 import os
 import socket
+import struct
 from pathlib import Path
 
 WANDB_HOST = "api.wandb.ai"
@@ -60,11 +61,42 @@ def sync_hint(run_dir: str | Path) -> str:
             f"Upload it later with: wandb sync {Path(run_dir) / 'wandb'}/offline-run-*")
 
 
-def finish_wandb() -> None:
-    """Close the active W&B run, if any, so the next job in this process starts its own (WandbLogger reuses it)."""
+def finish_wandb(wait_s: float = 60.0) -> None:
+    """Close the active W&B run, if any, so the next job in this process starts its own (WandbLogger reuses it).
+
+    An offline run's transaction log (`run-<id>.wandb`) is written by W&B's service process, which may still be
+    flushing when `wandb.finish()` returns on a loaded machine; wait (up to `wait_s`) until its final `exit` record is
+    on disk, so that a finished run folder is complete and `wandb sync` / utils.wandb_offline read all of it."""
     try:
         import wandb
     except ImportError:  # pragma: no cover
         return
-    if wandb.run is not None:
-        wandb.finish()
+    run = wandb.run
+    if run is None:
+        return
+    offline = bool(getattr(run.settings, "_offline", False)) or os.environ.get("WANDB_MODE") == "offline"
+    log_file = None
+    try:
+        log_file = Path(run.dir).parent / f"run-{run.id}.wandb"
+    except Exception:  # noqa: BLE001  (a run without files: nothing to wait for)
+        pass
+    wandb.finish()
+    if offline and log_file is not None:
+        wait_for_complete_log(log_file, wait_s)
+
+
+def wait_for_complete_log(path: Path, wait_s: float = 60.0) -> bool:
+    """True once the W&B transaction log at `path` ends with its `exit` record (False after `wait_s`)."""
+    import time
+
+    from utils.wandb_offline import has_exit_record
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if path.is_file() and has_exit_record(path):
+                return True
+        except (OSError, ValueError, struct.error):
+            pass  # partially written: try again
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
