@@ -33,6 +33,8 @@ def iter_records(path: str | Path) -> Iterator[bytes]:
         if kind == 0 and length == 0:  # zero padding at the end of a block
             pos += left - CHUNK.size
             continue
+        if pos + length > len(data):  # a chunk still being written: the log ends before it
+            return
         payload = data[pos:pos + length]
         pos += length
         if kind == FULL:
