@@ -11,26 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import imagenet_model_and_batch, synced_time as _time  # also puts the repository root on sys.path
 
 import torch  # noqa: E402
 
 from callbacks.featviz import FourierImage, channel, standard_transforms, visualize  # noqa: E402
-from models.cnn import CNNClassifier  # noqa: E402
-
-
-def _time(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -43,12 +29,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable ratios on a shared machine)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    model = CNNClassifier(num_classes=1000, image_size=args.size, backbone=args.backbone).to(device).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    model, x, device = imagenet_model_and_batch(args.backbone, args.size, args.batch, args.threads)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
     param = FourierImage(args.batch, 3, args.size, device=device)

@@ -9,26 +9,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import imagenet_model_and_batch, synced_time as _time  # also puts the repository root on sys.path
 
 import torch  # noqa: E402
 
 from callbacks.attribution import GradCAM  # noqa: E402
-from models.cnn import CNNClassifier  # noqa: E402
-
-
-def _time(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def timed_ratios(baseline, candidates: dict, repeats: int) -> tuple[float, dict]:
@@ -57,14 +43,9 @@ def main() -> None:
                     help="torch CPU threads; 1 keeps ratios stable on a shared machine (other processes stall one "
                          "of several intra-op threads and every op waits for it)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from captum.attr import LayerGradCam
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    model = CNNClassifier(num_classes=1000, image_size=args.size, backbone=args.backbone).to(device).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    model, x, device = imagenet_model_and_batch(args.backbone, args.size, args.batch, args.threads)
     layer = model.get_probe_layer(args.layer)
 
     def forward():

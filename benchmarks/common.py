@@ -33,3 +33,30 @@ def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def synced_time(fn) -> float:
+    """Wall time of one call, with the GPU (if any) synchronised before and after."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def imagenet_model_and_batch(backbone: str, size: int, batch: int, threads: int | None = None):
+    """(model, random batch, device) for the ImageNet-sized settings the public tools were timed in: a torchvision
+    backbone with 1000 classes in eval mode, seed 0; `threads` fixes torch's CPU threads (1: stable ratios on a
+    shared machine)."""
+    import torch
+
+    from models.cnn import CNNClassifier
+    if threads:
+        torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = CNNClassifier(num_classes=1000, image_size=size, backbone=backbone).to(device).eval()
+    return model, torch.randn(batch, 3, size, size, device=device), device

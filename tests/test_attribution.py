@@ -14,15 +14,8 @@ from callbacks.attribution import (CAM, METHODS, AttributionCallback, GradCAM, G
                                    spearman)
 from callbacks.base import interpretation_mode
 from models.errors import ConfigError
-from tests.test_attribution_helpers import SquaresData, SquaresProbe, ToyCAMNet, fake_trainer, small_cnn
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster and is not stalled by other processes on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.test_attribution_helpers import (SquaresData, SquaresProbe, ToyCAMNet, fake_trainer,  # noqa: F401
+                                           one_thread, small_cnn)
 
 
 X_TOY = torch.tensor([[[[1.0, 2.0], [-1.0, 3.0]]]])  # A_0 = ReLU(x) = [[1,2],[0,3]], A_1 = ReLU(-x) = [[0,0],[1,0]]

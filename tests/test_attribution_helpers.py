@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -123,3 +124,12 @@ def fake_trainer(tmp_path, data, epoch: int = 0):
     """What the callbacks' run() reads from a Trainer."""
     return SimpleNamespace(datamodule=data, default_root_dir=str(tmp_path), loggers=[], current_epoch=epoch,
                            global_step=0, max_epochs=1, sanity_checking=False)
+
+
+@pytest.fixture(autouse=True)  # autouse in every test module that imports it
+def one_thread():
+    """Small tensors: one thread is faster and is not stalled by other processes on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,16 +14,8 @@ from callbacks.featviz import (AffineTransform, FeatureVisualizationCallback, Fo
                                first_layer_filters, jitter, neuron, objective_forward, pad, random_rotate,
                                random_scale, standard_transforms, top_activations, unit_activation, visualize,
                                fit_size)
-from tests.test_attribution_helpers import SquaresData, fake_trainer, small_cnn
+from tests.test_attribution_helpers import SquaresData, fake_trainer, one_thread, small_cnn  # noqa: F401
 from tests.test_attribution import all_hooks
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_objectives_add_scale_and_address_one_element_per_unit():
