@@ -7,8 +7,10 @@ The K-th largest vote is a per-sample, per-class adaptive threshold, so each cla
 input-dependent support of units (dynamic routing behaviour). Gradients reach only the K selected connections of each
 (sample, class); unselected weights feel only weight decay and W becomes sparse over training. No extra loss term.
 
-Speed: the selection needs every vote, but not their gradients: it runs without autograd (in blocks of samples that bound
-the memory of the [b, C, D] votes), and only the K selected (x_j, W_cj) pairs are gathered with gradients. The
+Speed: the selection needs no gradients: it runs without autograd, and only the K selected (x_j, W_cj) pairs are
+gathered with gradients. For non-negative features it first forms only the votes of each sample's 64 largest features
+and proves, per (sample, class), that no other unit can beat the K-th of them (x_(65) * max_j W_cj is below it); the
+pairs it cannot decide get all D votes (in blocks that bound their memory). The result is the exact top-K. The
 backward pass therefore costs O(B C K), not O(B C D). With K = D the layer is exactly `F.linear`.
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ from models.errors import ConfigError
 
 #: votes held at once during the selection (floats): 16M floats = 64 MB bounds the memory of the no-grad vote block
 SELECTION_BLOCK = 1 << 24
+#: features per sample whose votes decide the selection first (see DynamicKLinear.select)
+CANDIDATES = 64
 
 
 class DynamicKLinear(nn.Module):
@@ -51,16 +55,44 @@ class DynamicKLinear(nn.Module):
 
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices [B, C, K] of the K largest votes W_cj x_j per sample and class (no gradient needed)."""
+        """Indices [B, C, K] of the K largest votes W_cj x_j per sample and class (no gradient needed).
+
+        Exact in two stages when the features are non-negative (pooled ReLU maps) and D is large: the votes of each
+        sample's CANDIDATES largest features decide every (sample, class) whose K-th best candidate vote beats the
+        bound x_(M+1) * max_j W_cj on any other unit's vote; only the remaining pairs get all D votes. Otherwise (or
+        for small D) all votes are formed."""
         B, D = x.shape
-        w = self.weight.detach()
-        x = x.detach()
+        w, x = self.weight.detach(), x.detach()
+        m = max(CANDIDATES, 4 * self.k)
+        if m < D and bool((x >= 0).all()):
+            return self._select_pruned(x, w, m)
+        return self._select_all(x, w)
+
+    def _select_all(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        B, D = x.shape
         rows = max(1, SELECTION_BLOCK // (self.out_features * D))
         out = torch.empty(B, self.out_features, self.k, dtype=torch.long, device=x.device)
         for start in range(0, B, rows):
             votes = x[start:start + rows, None, :] * w  # [b, C, D]
             out[start:start + rows] = votes.topk(self.k, dim=-1, sorted=False).indices
         return out
+
+    def _select_pruned(self, x: torch.Tensor, w: torch.Tensor, m: int) -> torch.Tensor:
+        B, C, K = x.shape[0], self.out_features, self.k
+        xs, order = x.topk(m + 1, dim=1)                                   # each sample's m+1 largest features
+        cand = order[:, :m]                                                # [B, m]
+        votes = (xs[:, :m, None] * w.t().contiguous()[cand]).transpose(1, 2)  # [B, C, m]
+        top = votes.topk(K, dim=-1, sorted=False)
+        kth = top.values.min(dim=-1).values                                # K-th best candidate vote [B, C]
+        # no unit outside the candidates has x_j > x_(m+1), so its vote is at most max(x_(m+1) * max_j W_cj, 0)
+        bound = (xs[:, m, None] * w.max(dim=1).values[None, :]).clamp_min(0)
+        index = cand.gather(1, top.indices.reshape(B, C * K)).view(B, C, K)
+        b, c = (bound >= kth).nonzero(as_tuple=True)                       # undecided pairs: all D votes
+        step = max(1, SELECTION_BLOCK // x.shape[1])  # blocks of pairs bound the memory of their [n, D] votes
+        for start in range(0, b.numel(), step):
+            bb, cc = b[start:start + step], c[start:start + step]
+            index[bb, cc] = (x[bb] * w[cc]).topk(K, dim=-1, sorted=False).indices
+        return index
 
     def routed(self, x: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(selected votes [B, C, K] with gradients to x and W, their feature indices [B, C, K])."""

@@ -77,6 +77,44 @@ def test_selection_in_blocks_equals_one_block(monkeypatch):
     torch.testing.assert_close(layer.select(x).sort(-1).values, whole)
 
 
+def brute_force_topk_values(layer, x):
+    votes = x[:, None, :] * layer.weight.detach()
+    return votes.topk(layer.k, dim=-1).values.sort(-1).values
+
+
+@pytest.mark.parametrize("B,D,C,k", [(64, 512, 40, 5), (16, 300, 12, 30), (8, 70, 5, 1)])
+def test_pruned_selection_equals_all_votes(B, D, C, k, monkeypatch):
+    """The candidate-then-bound selection (non-negative features, D > 64) picks exactly the K largest votes: the
+    same units as forming all B x C x D votes, also when most pairs need the fallback (tiny blocks force several)."""
+    torch.manual_seed(D)
+    layer = dynconn.DynamicKLinear(D, C, k)
+    x = torch.relu(torch.randn(B, D))
+    x[0] = 0.0  # an all-zero sample: every vote ties at 0
+    full = layer._select_all(x, layer.weight.detach()).sort(-1).values
+    assert torch.equal(layer.select(x).sort(-1).values[1:], full[1:])
+    values = (x[:, None, :] * layer.weight.detach()).gather(2, layer.select(x)).sort(-1).values
+    assert torch.equal(values, brute_force_topk_values(layer, x))
+    monkeypatch.setattr(dynconn, "SELECTION_BLOCK", D * 3)  # the undecided pairs in blocks of 3
+    assert torch.equal(layer.select(x).sort(-1).values[1:], full[1:])
+
+
+def test_pruned_selection_decides_most_pairs_and_falls_back_for_the_rest(monkeypatch):
+    torch.manual_seed(0)
+    layer = dynconn.DynamicKLinear(512, 50, 5)
+    x = torch.relu(torch.randn(32, 512))
+    calls = []
+    original = dynconn.DynamicKLinear._select_all
+    monkeypatch.setattr(dynconn.DynamicKLinear, "_select_all", lambda self, *a: calls.append(1) or original(self, *a))
+    layer.select(x)
+    assert not calls  # non-negative features and D > 64: the pruned path
+    layer.select(x - 0.5)  # negative features: the bound does not hold, all votes are formed
+    assert calls == [1]
+    # constant features tie every candidate with the bound: every pair falls back, and the values stay exact
+    ones = torch.ones(4, 512)
+    values = (ones[:, None, :] * layer.weight.detach()).gather(2, layer.select(ones)).sort(-1).values
+    assert torch.equal(values, brute_force_topk_values(layer, ones))
+
+
 def test_explanation_shares_sum_to_routed_evidence():
     torch.manual_seed(4)
     model = DynConnClassifier(num_classes=6, k=4, channels=3, image_size=32, widths=[8, 8, 16, 24]).eval()
