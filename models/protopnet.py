@@ -190,7 +190,6 @@ class ProtoPNet(ClassifierModule):
             raise ConfigError(f"model.prototype_dim={prototype_dim}: must be >= 1 (the paper uses 128)")
         if similarity not in SIMILARITIES:
             raise ConfigError(f"model.similarity={similarity!r}: choose one of {', '.join(SIMILARITIES)}")
-        self.similarity = similarity
         self.coefs = {"crs_ent": 1.0, "clst": 0.8, "sep": 0.08, "l1": 1e-4, **dict(coefs or {})}
         unknown = set(self.coefs) - {"crs_ent", "clst", "sep", "l1"}
         if unknown:
@@ -252,6 +251,11 @@ class ProtoPNet(ClassifierModule):
 
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         return squared_distances(z, self.prototype_vectors)
+
+    @property
+    def similarity(self) -> str:
+        """"log" or "linear": the kind of the prototype_maps module (one place holds it)."""
+        return self.prototype_maps.kind
 
     def outputs_from_distances(self, d: torch.Tensor) -> PrototypeOutputs:
         min_d = d.flatten(2).min(dim=2).values  # min-pooling over positions
