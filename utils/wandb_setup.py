@@ -64,7 +64,7 @@ def sync_hint(run_dir: str | Path) -> str:
 def finish_wandb(wait_s: float = 60.0) -> None:
     """Close the active W&B run, if any, so the next job in this process starts its own (WandbLogger reuses it).
 
-    An offline run's transaction log (`run-<id>.wandb`) is written by W&B's service process, which may still be
+    The run's transaction log (`run-<id>.wandb`) is written by W&B's service process, which may still be
     flushing when `wandb.finish()` returns on a loaded machine; wait (up to `wait_s`) until its final `exit` record is
     on disk, so that a finished run folder is complete and `wandb sync` / utils.wandb_offline read all of it."""
     try:
@@ -74,14 +74,14 @@ def finish_wandb(wait_s: float = 60.0) -> None:
     run = wandb.run
     if run is None:
         return
-    offline = bool(getattr(run.settings, "_offline", False)) or os.environ.get("WANDB_MODE") == "offline"
     log_file = None
-    try:
+    try:  # offline and online runs keep a transaction log; a disabled run has none, and nothing is waited for
         log_file = Path(run.dir).parent / f"run-{run.id}.wandb"
-    except Exception:  # noqa: BLE001  (a run without files: nothing to wait for)
+    except Exception:  # noqa: BLE001
         pass
+    keeps_log = log_file is not None and log_file.is_file()
     wandb.finish()
-    if offline and log_file is not None:
+    if keeps_log:
         wait_for_complete_log(log_file, wait_s)
 
 
