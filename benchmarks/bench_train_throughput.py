@@ -37,8 +37,11 @@ def plain_optimizer(model):
     if isinstance(configured, tuple):  # (optimizers, schedulers)
         configured = configured[0]
     if isinstance(configured, (list, tuple)):
-        from models.protopnet import PHASES
-        return configured[PHASES.index(model.phase)] if len(configured) == len(PHASES) else configured[0]
+        phase = getattr(model, "phase", None)
+        if phase is not None:  # one optimiser per phase, in PHASES order
+            from models.protopnet import PHASES
+            return configured[PHASES.index(phase)]
+        return configured[0]
     return configured
 
 

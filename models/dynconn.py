@@ -61,10 +61,9 @@ class DynamicKLinear(nn.Module):
         sample's CANDIDATES largest features decide every (sample, class) whose K-th best candidate vote beats the
         bound x_(M+1) * max_j W_cj on any other unit's vote; only the remaining pairs get all D votes. Otherwise (or
         for small D) all votes are formed."""
-        B, D = x.shape
         w, x = self.weight.detach(), x.detach()
         m = max(CANDIDATES, 4 * self.k)
-        if m < D and bool((x >= 0).all()):
+        if m < x.shape[1] and bool((x >= 0).all()):
             return self._select_pruned(x, w, m)
         return self._select_all(x, w)
 
