@@ -7,11 +7,14 @@ The K-th largest vote is a per-sample, per-class adaptive threshold, so each cla
 input-dependent support of units (dynamic routing behaviour). Gradients reach only the K selected connections of each
 (sample, class); unselected weights feel only weight decay and W becomes sparse over training. No extra loss term.
 
-Speed: the selection needs no gradients: it runs without autograd, and only the K selected (x_j, W_cj) pairs are
-gathered with gradients. For non-negative features it first forms only the votes of each sample's 64 largest features
-and proves, per (sample, class), that no other unit can beat the K-th of them (x_(65) * max_j W_cj is below it); the
-pairs it cannot decide get all D votes (in blocks that bound their memory). The result is the exact top-K. The
-backward pass therefore costs O(B C K), not O(B C D). With K = D the layer is exactly `F.linear`.
+Speed: on the CPU (float32, non-negative features) forward and backward run in a small compiled kernel
+(models/csrc/dynamic_k.c, built on first use by models/dynk_kernel.py): per sample it visits the units in descending
+x order and keeps each class's K largest votes in SIMD registers, 8 classes at a time, until the bound
+x_next * max_j W_cj proves that no later unit can enter; the backward pass touches only the B x C x K selected
+connections. Elsewhere (GPU, other dtypes, no C compiler) the selection runs in torch without autograd: the votes of
+each sample's 64 largest features first, then the same bound per (sample, class), and all D votes for the pairs it
+cannot decide (in blocks that bound their memory); only the K selected (x_j, W_cj) pairs are gathered with gradients.
+Both give the exact top-K. With K = D the layer is exactly `F.linear`.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
+from models import dynk_kernel
 from models.cnn import PooledHeadClassifier
 from models.errors import ConfigError
 
@@ -28,6 +33,31 @@ from models.errors import ConfigError
 SELECTION_BLOCK = 1 << 24
 #: features per sample whose votes decide the selection first (see DynamicKLinear.select)
 CANDIDATES = 64
+
+
+class _KernelDeclined(Exception):
+    """The CPU kernel found a negative or non-finite feature: its bound does not hold, use the torch selection."""
+
+
+class _DynamicKFunction(torch.autograd.Function):
+    """z = (sum of the K largest votes) + b through the compiled CPU kernel; the backward pass reaches only the
+    selected connections (the kernel's indices are saved for it)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k):
+        result = dynk_kernel.forward(x, weight, bias, k)
+        if result is None:
+            raise _KernelDeclined
+        out, index = result
+        ctx.save_for_backward(x, weight, index)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, index = ctx.saved_tensors
+        gx, gw = dynk_kernel.backward(grad, x, weight, index, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gx, gw, grad.sum(0) if ctx.needs_input_grad[2] else None, None
 
 
 class DynamicKLinear(nn.Module):
@@ -62,6 +92,10 @@ class DynamicKLinear(nn.Module):
         bound x_(M+1) * max_j W_cj on any other unit's vote; only the remaining pairs get all D votes. Otherwise (or
         for small D) all votes are formed."""
         w, x = self.weight.detach(), x.detach()
+        if dynk_kernel.applies(x, w, self.k) and self.bias.dtype == x.dtype:
+            result = dynk_kernel.forward(x, w, self.bias, self.k)
+            if result is not None:
+                return result[1].long()
         m = max(CANDIDATES, 4 * self.k)
         if m < x.shape[1] and bool((x >= 0).all()):
             return self._select_pruned(x, w, m)
@@ -107,6 +141,11 @@ class DynamicKLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense:  # the sum of all D votes is the linear layer; use the GEMM
             return F.linear(x, self.weight, self.bias)
+        if dynk_kernel.applies(x, self.weight, self.k) and self.bias.dtype == x.dtype:
+            try:
+                return _DynamicKFunction.apply(x, self.weight, self.bias, self.k)
+            except _KernelDeclined:
+                pass
         votes, _ = self.routed(x)
         return votes.sum(-1) + self.bias
 
