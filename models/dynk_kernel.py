@@ -99,23 +99,24 @@ def load() -> ctypes.CDLL | None:
     P, I = ctypes.c_void_p, ctypes.c_int
     lib.dynk_forward.argtypes = [P] * 7 + [I] * 6
     lib.dynk_backward.argtypes = [P] * 6 + [I] * 5
-    lib.dynk_forward.restype = lib.dynk_backward.restype = lib.dynk_kmax.restype = lib.dynk_lanes.restype = I
+    for name in ("dynk_forward", "dynk_backward", "dynk_kmax", "dynk_lanes", "dynk_unit_max"):
+        getattr(lib, name).restype = I
     return lib
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
-    """Whether the kernel can take these inputs: float32 on the CPU, K within its limit. (Whether x >= 0, which its
+    """Whether the kernel can take these inputs: float32 on the CPU, K <= 64, D <= 32767. (Whether x >= 0, which its
     bound needs, the kernel checks itself: `forward` returns None otherwise.)"""
     if not enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
             or x.dim() != 2:
         return False
     lib = load()
-    return lib is not None and k <= lib.dynk_kmax()
+    return lib is not None and k <= lib.dynk_kmax() and x.shape[1] <= lib.dynk_unit_max()
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
             ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(z [B, C] = sum of the K largest votes + bias, selected units [B, C, K] as int32), or None where x has a
+    """(z [B, C] = sum of the K largest votes + bias, selected units [B, C, K] as int16), or None where x has a
     negative or non-finite entry (use the torch path). The caller checks `applies` first."""
     lib = load()
     x, weight, bias = x.detach().contiguous(), weight.detach().contiguous(), bias.detach().contiguous()
@@ -124,7 +125,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
     Cp = -(-C // lanes) * lanes
     scratch = torch.empty(D * Cp + Cp, dtype=torch.float32)  # W^T padded to Cp classes, and the bound's weights
     out = torch.empty(B, C, dtype=torch.float32)
-    index = torch.empty(B, C, k, dtype=torch.int32)
+    index = torch.empty(B, C, k, dtype=torch.int16)
     status = lib.dynk_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), scratch.data_ptr(),
                               scratch.data_ptr() + 4 * D * Cp, out.data_ptr(), index.data_ptr(), B, D, C, Cp, k,
                               torch.get_num_threads())

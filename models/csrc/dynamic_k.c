@@ -15,12 +15,20 @@
  *      whose K-th vote is still negative.
  * The selection is exact: ties aside, it returns the same units as the top-K of all D votes. */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_num_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define LANES 8  /* 8 floats = one AVX register; measured faster than 16 (AVX-512) on AMD EPYC */
 #define KMAX 64
+typedef int16_t unit_t;  /* selected unit indices: half the memory traffic of int32 */
+#define UNIT_MAX 32767
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 
@@ -49,8 +57,10 @@ static int order_units(const float *x, int D, int32_t *order, int32_t *tmp, uint
     for (int d = 0; d < D; d++) {
         uint32_t bits; memcpy(&bits, x + d, 4);
         bits &= 0x7FFFFFFFu;  /* -0.0 is a zero unit too */
-        if (bits) { tmp[nz] = d; tkey[nz++] = (uint16_t)(0xFFFFu - (bits >> 15)); }
-        else order[--z] = d;
+        /* branch-free: write to both ends, advance one */
+        const int pos = bits != 0;
+        tmp[nz] = d; tkey[nz] = (uint16_t)(0xFFFFu - (bits >> 15)); order[z - 1] = d;
+        nz += pos; z -= !pos;
     }
     /* pass 1: low byte, tmp -> order/key */
     memset(count, 0, sizeof count);
@@ -84,40 +94,72 @@ INLINE void insert(vf *t, vi *ti, int K, vf v, vi vix) {
     }
 }
 
+/* One lane's scan, continued in scalar code from position j (its K-list t/ti already full): a vote enters only if it
+ * beats the K-th, which late in the scan is rare, so the insertion branch is cheap. */
+INLINE void lane_finish(const float *wt, float wp, int D, int Cp, int K, const int32_t *order, const float *xs,
+                        const float *edge, int nz, int j, float *t, int32_t *ti) {
+    for (; j < nz && t[K - 1] < edge[j] * wp; j++) {
+        const float v = xs[j] * wt[(size_t)order[j] * Cp];
+        if (v > t[K - 1]) {
+            int i = K - 1;
+            for (; i > 0 && v > t[i - 1]; i--) { t[i] = t[i - 1]; ti[i] = ti[i - 1]; }
+            t[i] = v; ti[i] = order[j];
+        }
+    }
+    if (j >= nz)  /* zero units vote 0 (or -0): they enter only below a negative K-th vote */
+        for (int z = nz; z < D && z < nz + K && t[K - 1] < 0.0f; z++) {
+            const float v = 0.0f * wt[(size_t)order[z] * Cp];
+            int i = K - 1;
+            for (; i > 0 && v > t[i - 1]; i--) { t[i] = t[i - 1]; ti[i] = ti[i - 1]; }
+            t[i] = v; ti[i] = order[z];
+        }
+}
+
 /* One group of LANES classes of one sample: the K largest votes of each lane and the units that cast them. Units are
  * visited in descending x order (xs: their values, edge[j]: a bound on x at positions >= j); the K-lists live in
- * registers (K is a constant after inlining). Every STEP units the scan checks whether the bound proves that no later
- * unit can enter any lane's list, and stops if so. */
-#define STEP 4
+ * registers (K is a constant after inlining). Every STEP units the scan checks which lanes the bound has settled (no
+ * later unit can enter their lists); once at most STRAGGLERS lanes are left, those finish in scalar code. */
+#define STEP 8
+#define STRAGGLERS 2
 INLINE void group_topk(const float *wt, const float *wpos, int D, int Cp, int K, const int32_t *order,
-                       const float *xs, const float *edge, int nz, vf *out_top, vi *out_tix) {
+                       const float *xs, const float *edge, int nz, float *out_top, int32_t *out_tix) {
     vf top[KMAX]; vi tix[KMAX];
     for (int i = 0; i < K; i++) { top[i] = vsplat(-INFINITY); tix[i] = isplat(0); }
     const vf wp = vload(wpos);
+    unsigned open = (1u << LANES) - 1;  /* lanes not yet settled */
     int j = 0;
     for (; j < nz; ) {  /* the positive units */
         const int stop = j + STEP < nz ? j + STEP : nz;
         for (; j < stop; j++)
             insert(top, tix, K, vsplat(xs[j]) * vload(wt + (size_t)order[j] * Cp), isplat(order[j]));
+        if (j < K) continue;
         /* every later unit has x < edge[j]: its vote is below edge[j] * max(max_j W_cj, 0) */
-        if (j >= K && !any(top[K - 1] < vsplat(edge[j]) * wp)) break;
+        open = mask_bits(top[K - 1] < vsplat(edge[j]) * wp);
+        if (__builtin_popcount(open) <= STRAGGLERS) break;
     }
-    if (j >= nz)  /* zero units vote 0: only lanes whose K-th vote is still below 0 take some (at most K) */
+    if (j >= nz) {  /* zero units vote 0: only lanes whose K-th vote is still below 0 take some (at most K) */
         for (int z = nz; z < D && z < nz + K && any(top[K - 1] < vsplat(0.0f)); z++)
             insert(top, tix, K, vsplat(0.0f) * vload(wt + (size_t)order[z] * Cp), isplat(order[z]));
-    for (int i = 0; i < K; i++) { out_top[i] = top[i]; out_tix[i] = tix[i]; }
+        open = 0;
+    }
+    for (int i = 0; i < K; i++)
+        for (int l = 0; l < LANES; l++) { out_top[l * K + i] = top[i][l]; out_tix[l * K + i] = tix[i][l]; }
+    while (open) {
+        const int l = __builtin_ctz(open); open &= open - 1;
+        lane_finish(wt + l, wpos[l], D, Cp, K, order, xs, edge, nz, j, out_top + l * K, out_tix + l * K);
+    }
 }
 
 INLINE void sample_topk(const float *wt, const float *wpos, const float *bias, int D, int C, int Cp, int K,
-                        const int32_t *order, const float *xs, const float *edge, int nz, float *out, int32_t *idx) {
-    vf top[KMAX]; vi tix[KMAX];
+                        const int32_t *order, const float *xs, const float *edge, int nz, float *out, unit_t *idx) {
+    float top[LANES * KMAX]; int32_t tix[LANES * KMAX];
     for (int g = 0; g < Cp; g += LANES) {
         group_topk(wt + g, wpos + g, D, Cp, K, order, xs, edge, nz, top, tix);
         const int lanes = C - g < LANES ? C - g : LANES;
         for (int l = 0; l < lanes; l++) {
             float s = 0.0f;
-            int32_t *ix = idx + (size_t)(g + l) * K;
-            for (int i = 0; i < K; i++) { s += top[i][l]; ix[i] = tix[i][l]; }
+            unit_t *ix = idx + (size_t)(g + l) * K;
+            for (int i = 0; i < K; i++) { s += top[l * K + i]; ix[i] = (unit_t)tix[l * K + i]; }
             out[g + l] = s + bias[g + l];
         }
     }
@@ -128,9 +170,9 @@ INLINE void sample_topk(const float *wt, const float *wpos, const float *bias, i
  * Returns 0, 1 for bad sizes, 2 if x has a negative or non-finite entry (the bound needs x >= 0: use another path).
  * Work is shared among `threads` OpenMP threads: in a process that has imported torch this is torch's own pool (the
  * same libgomp.so.1), so the kernel does not compete with torch's spinning workers. */
-int dynk_forward(const float *x, const float *w, const float *bias, float *wt, float *wpos, float *out, int32_t *idx,
+int dynk_forward(const float *x, const float *w, const float *bias, float *wt, float *wpos, float *out, unit_t *idx,
                  int B, int D, int C, int Cp, int K, int threads) {
-    if (K < 1 || K > KMAX || K > D || Cp % LANES || Cp < C) return 1;
+    if (K < 1 || K > KMAX || K > D || D > UNIT_MAX || Cp % LANES || Cp < C) return 1;
     int bad = 0;
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
@@ -165,7 +207,7 @@ int dynk_forward(const float *x, const float *w, const float *bias, float *wt, f
             for (int j = 0; j < nz; j++) { xs[j] = xb[order[j]]; edge[j] = key_edge(key[j]); }
             edge[nz] = 0.0f;  /* after the positive units come the zeros */
             float *ob = out + (size_t)b * C;
-            int32_t *ib = idx + (size_t)b * C * K;
+            unit_t *ib = idx + (size_t)b * C * K;
             switch (K) {  /* a constant K unrolls the list updates and keeps the lists in registers */
 #define CASE(k) case k: sample_topk(wt, wpos, bias, D, C, Cp, k, order, xs, edge, nz, ob, ib); break;
                 CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(8) CASE(10)
@@ -179,33 +221,42 @@ int dynk_forward(const float *x, const float *w, const float *bias, float *wt, f
 }
 
 /* g [B, C], x [B, D], w [C, D], idx [B, C, K] -> gx [B, D] (if not NULL), gw [C, D] (if not NULL), overwritten.
- * Race-free without atomics: gx rows are split by sample, gw rows by class. */
-int dynk_backward(const float *g, const float *x, const float *w, const int32_t *idx, float *gx, float *gw,
+ * Race-free without atomics: gx rows are split by sample, gw rows by class; both passes read idx in its own order.
+ * In gx a unit chosen by many classes is updated many times in a row: ACC rotating accumulator rows keep those
+ * read-modify-writes from waiting on one another (summed at the end). In gw the repeats are a sample apart. */
+#define ACC 4
+int dynk_backward(const float *g, const float *x, const float *w, const unit_t *idx, float *gx, float *gw,
                   int B, int D, int C, int K, int threads) {
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         if (gx) {
+            float *acc = malloc(sizeof(float) * ACC * D);
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
-                float *gxb = gx + (size_t)b * D;
-                memset(gxb, 0, sizeof(float) * D);
+                memset(acc, 0, sizeof(float) * ACC * D);
                 for (int c = 0; c < C; c++) {
                     const float gb = g[(size_t)b * C + c];
-                    const int32_t *ix = idx + ((size_t)b * C + c) * K;
+                    const unit_t *ix = idx + ((size_t)b * C + c) * K;
                     const float *wc = w + (size_t)c * D;
-                    for (int i = 0; i < K; i++) gxb[ix[i]] += gb * wc[ix[i]];
+                    float *a = acc + (c % ACC) * D;
+                    for (int i = 0; i < K; i++) a[ix[i]] += gb * wc[ix[i]];
                 }
+                float *gxb = gx + (size_t)b * D;
+                for (int d = 0; d < D; d++) gxb[d] = (acc[d] + acc[D + d]) + (acc[2 * D + d] + acc[3 * D + d]);
             }
+            free(acc);
         }
         if (gw) {
-            #pragma omp for schedule(static)
-            for (int c = 0; c < C; c++) {
-                float *gwc = gw + (size_t)c * D;
-                memset(gwc, 0, sizeof(float) * D);
-                for (int b = 0; b < B; b++) {
+            /* each thread owns a range of classes and walks all samples */
+            const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+            const int lo = (int)((long)C * t / nt), hi = (int)((long)C * (t + 1) / nt);
+            memset(gw + (size_t)lo * D, 0, sizeof(float) * (size_t)(hi - lo) * D);
+            for (int b = 0; b < B; b++) {
+                const float *xb = x + (size_t)b * D;
+                for (int c = lo; c < hi; c++) {
                     const float gb = g[(size_t)b * C + c];
-                    const int32_t *ix = idx + ((size_t)b * C + c) * K;
-                    const float *xb = x + (size_t)b * D;
+                    const unit_t *ix = idx + ((size_t)b * C + c) * K;
+                    float *gwc = gw + (size_t)c * D;
                     for (int i = 0; i < K; i++) gwc[ix[i]] += gb * xb[ix[i]];
                 }
             }
@@ -216,3 +267,4 @@ int dynk_backward(const float *g, const float *x, const float *w, const int32_t 
 
 int dynk_kmax(void) { return KMAX; }
 int dynk_lanes(void) { return LANES; }
+int dynk_unit_max(void) { return UNIT_MAX; }
