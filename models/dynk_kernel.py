@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -104,6 +105,17 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+_local = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A float32 work buffer kept per thread between calls: a fresh 1 MB tensor each call costs page faults."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.numel() < numel:
+        buf = _local.scratch = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
     """Whether the kernel can take these inputs: float32 on the CPU, K <= 64, D <= 32767. (Whether x >= 0, which its
     bound needs, the kernel checks itself: `forward` returns None otherwise.)"""
@@ -123,7 +135,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
     (B, D), C = x.shape, weight.shape[0]
     lanes = lib.dynk_lanes()
     Cp = -(-C // lanes) * lanes
-    scratch = torch.empty(D * Cp + Cp, dtype=torch.float32)  # W^T padded to Cp classes, and the bound's weights
+    scratch = _scratch(D * Cp + Cp)  # W^T padded to Cp classes, and the bound's weights
     out = torch.empty(B, C, dtype=torch.float32)
     index = torch.empty(B, C, k, dtype=torch.int16)
     status = lib.dynk_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), scratch.data_ptr(),

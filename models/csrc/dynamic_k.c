@@ -50,37 +50,39 @@ static inline vi iblend(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
 static inline int any(vi m) { return mask_bits(m) != 0; }
 #define INLINE static inline __attribute__((always_inline))
 
-/* Descending order of the units of one sample (x >= 0, finite) by the top 16 bits of x: the non-zero units first,
- * sorted by a two-pass radix sort of their keys, then the zero units. Returns the number of non-zero units. */
-static int order_units(const float *x, int D, int32_t *order, int32_t *tmp, uint16_t *key, uint16_t *tkey) {
-    int count[256], nz = 0, z = D;
-    for (int d = 0; d < D; d++) {
-        uint32_t bits; memcpy(&bits, x + d, 4);
-        bits &= 0x7FFFFFFFu;  /* -0.0 is a zero unit too */
-        /* branch-free: write to both ends, advance one */
-        const int pos = bits != 0;
-        tmp[nz] = d; tkey[nz] = (uint16_t)(0xFFFFu - (bits >> 15)); order[z - 1] = d;
-        nz += pos; z -= !pos;
-    }
-    /* pass 1: low byte, tmp -> order/key */
-    memset(count, 0, sizeof count);
-    for (int p = 0; p < nz; p++) count[tkey[p] & 0xFF]++;
-    for (int i = 0, s = 0; i < 256; i++) { int c = count[i]; count[i] = s; s += c; }
-    for (int p = 0; p < nz; p++) { int q = count[tkey[p] & 0xFF]++; order[q] = tmp[p]; key[q] = tkey[p]; }
-    /* pass 2: high byte, stable, order/key -> tmp, then back */
-    memset(count, 0, sizeof count);
-    for (int p = 0; p < nz; p++) count[key[p] >> 8]++;
-    for (int i = 0, s = 0; i < 256; i++) { int c = count[i]; count[i] = s; s += c; }
-    for (int p = 0; p < nz; p++) { int q = count[key[p] >> 8]++; tmp[q] = order[p]; tkey[q] = key[p]; }
-    memcpy(order, tmp, sizeof(int32_t) * nz);
-    memcpy(key, tkey, sizeof(uint16_t) * nz);
-    return nz;
-}
-
 /* upper edge of the key bucket of the unit at position j: no unit at position >= j has a larger x */
 static inline float key_edge(uint16_t key) {
     uint32_t e = ((uint32_t)(0xFFFFu - key) + 1u) << 15; float f; memcpy(&f, &e, 4);
     return f < 3.4028235e38f ? f : 3.4028235e38f;  /* the top bucket's edge is +inf: keep inf * 0 from giving NaN */
+}
+
+/* Descending order of the units of one sample (x >= 0, finite) by the top 16 bits of x: the non-zero units first,
+ * sorted by a two-pass radix sort of their keys (both histograms counted in the first pass), then the zero units.
+ * Fills order[D], xs[j] = x[order[j]] and edge[j] = a bound on x at positions >= j (0 from the zeros on); returns
+ * the number of non-zero units. tmp/tkey: scratch of D entries. */
+static int order_units(const float *x, int D, int32_t *order, float *xs, float *edge, int32_t *tmp, uint16_t *key,
+                       uint16_t *tkey) {
+    int lo[256], hi[256], nz = 0, z = D;
+    memset(lo, 0, sizeof lo); memset(hi, 0, sizeof hi);
+    for (int d = 0; d < D; d++) {
+        uint32_t bits; memcpy(&bits, x + d, 4);
+        bits &= 0x7FFFFFFFu;  /* -0.0 is a zero unit too */
+        const uint16_t k = (uint16_t)(0xFFFFu - (bits >> 15));
+        /* branch-free: write to both ends, advance one */
+        const int pos = bits != 0;
+        tmp[nz] = d; tkey[nz] = k; order[z - 1] = d;
+        lo[k & 0xFF] += pos; hi[k >> 8] += pos;
+        nz += pos; z -= !pos;
+    }
+    for (int i = 0, s = 0, t = 0; i < 256; i++) { int c = lo[i]; lo[i] = s; s += c; c = hi[i]; hi[i] = t; t += c; }
+    for (int p = 0; p < nz; p++) { const int q = lo[tkey[p] & 0xFF]++; order[q] = tmp[p]; key[q] = tkey[p]; }
+    for (int p = 0; p < nz; p++) {  /* stable by the high byte, straight into the outputs */
+        const int q = hi[key[p] >> 8]++;
+        tmp[q] = order[p]; xs[q] = x[order[p]]; edge[q] = key_edge(key[p]);
+    }
+    memcpy(order, tmp, sizeof(int32_t) * nz);
+    edge[nz] = 0.0f;  /* after the positive units come the zeros */
+    return nz;
 }
 
 /* insert the vote v of unit vix into each lane's descending K-list (values t, units ti): compare-exchange down the
@@ -98,20 +100,21 @@ INLINE void insert(vf *t, vi *ti, int K, vf v, vi vix) {
  * beats the K-th, which late in the scan is rare, so the insertion branch is cheap. */
 INLINE void lane_finish(const float *wt, float wp, int D, int Cp, int K, const int32_t *order, const float *xs,
                         const float *edge, int nz, int j, float *t, int32_t *ti) {
-    for (; j < nz && t[K - 1] < edge[j] * wp; j++) {
+    /* t[i * LANES], ti[i * LANES]: this lane's descending K-list in the group's [K][LANES] arrays */
+    for (; j < nz && t[(K - 1) * LANES] < edge[j] * wp; j++) {
         const float v = xs[j] * wt[(size_t)order[j] * Cp];
-        if (v > t[K - 1]) {
+        if (v > t[(K - 1) * LANES]) {
             int i = K - 1;
-            for (; i > 0 && v > t[i - 1]; i--) { t[i] = t[i - 1]; ti[i] = ti[i - 1]; }
-            t[i] = v; ti[i] = order[j];
+            for (; i > 0 && v > t[(i - 1) * LANES]; i--) { t[i * LANES] = t[(i - 1) * LANES]; ti[i * LANES] = ti[(i - 1) * LANES]; }
+            t[i * LANES] = v; ti[i * LANES] = order[j];
         }
     }
     if (j >= nz)  /* zero units vote 0 (or -0): they enter only below a negative K-th vote */
-        for (int z = nz; z < D && z < nz + K && t[K - 1] < 0.0f; z++) {
+        for (int z = nz; z < D && z < nz + K && t[(K - 1) * LANES] < 0.0f; z++) {
             const float v = 0.0f * wt[(size_t)order[z] * Cp];
             int i = K - 1;
-            for (; i > 0 && v > t[i - 1]; i--) { t[i] = t[i - 1]; ti[i] = ti[i - 1]; }
-            t[i] = v; ti[i] = order[z];
+            for (; i > 0 && v > t[(i - 1) * LANES]; i--) { t[i * LANES] = t[(i - 1) * LANES]; ti[i * LANES] = ti[(i - 1) * LANES]; }
+            t[i * LANES] = v; ti[i * LANES] = order[z];
         }
 }
 
@@ -142,24 +145,26 @@ INLINE void group_topk(const float *wt, const float *wpos, int D, int Cp, int K,
             insert(top, tix, K, vsplat(0.0f) * vload(wt + (size_t)order[z] * Cp), isplat(order[z]));
         open = 0;
     }
-    for (int i = 0; i < K; i++)
-        for (int l = 0; l < LANES; l++) { out_top[l * K + i] = top[i][l]; out_tix[l * K + i] = tix[i][l]; }
+    for (int i = 0; i < K; i++) {  /* [K][LANES] */
+        memcpy(out_top + i * LANES, &top[i], sizeof(vf));
+        memcpy(out_tix + i * LANES, &tix[i], sizeof(vi));
+    }
     while (open) {
         const int l = __builtin_ctz(open); open &= open - 1;
-        lane_finish(wt + l, wpos[l], D, Cp, K, order, xs, edge, nz, j, out_top + l * K, out_tix + l * K);
+        lane_finish(wt + l, wpos[l], D, Cp, K, order, xs, edge, nz, j, out_top + l, out_tix + l);
     }
 }
 
 INLINE void sample_topk(const float *wt, const float *wpos, const float *bias, int D, int C, int Cp, int K,
                         const int32_t *order, const float *xs, const float *edge, int nz, float *out, unit_t *idx) {
-    float top[LANES * KMAX]; int32_t tix[LANES * KMAX];
+    float top[KMAX * LANES] __attribute__((aligned(32))); int32_t tix[KMAX * LANES] __attribute__((aligned(32)));
     for (int g = 0; g < Cp; g += LANES) {
         group_topk(wt + g, wpos + g, D, Cp, K, order, xs, edge, nz, top, tix);
         const int lanes = C - g < LANES ? C - g : LANES;
         for (int l = 0; l < lanes; l++) {
             float s = 0.0f;
             unit_t *ix = idx + (size_t)(g + l) * K;
-            for (int i = 0; i < K; i++) { s += top[l * K + i]; ix[i] = (unit_t)tix[l * K + i]; }
+            for (int i = 0; i < K; i++) { s += top[i * LANES + l]; ix[i] = (unit_t)tix[i * LANES + l]; }
             out[g + l] = s + bias[g + l];
         }
     }
@@ -167,7 +172,8 @@ INLINE void sample_topk(const float *wt, const float *wpos, const float *bias, i
 
 /* x [B, D]; w [C, D]; bias [C]; wt: scratch of D * Cp floats (Cp = C rounded up to a multiple of LANES); wpos:
  * scratch of Cp floats. Writes out [B, C] = sum of the K largest votes + bias, and idx [B, C, K] = their units.
- * Returns 0, 1 for bad sizes, 2 if x has a negative or non-finite entry (the bound needs x >= 0: use another path).
+ * Returns 0, 1 for bad sizes, 2 if x has a negative or non-finite entry (the bound needs x >= 0) or W a NaN: use
+ * another path.
  * Work is shared among `threads` OpenMP threads: in a process that has imported torch this is torch's own pool (the
  * same libgomp.so.1), so the kernel does not compete with torch's spinning workers. */
 int dynk_forward(const float *x, const float *w, const float *bias, float *wt, float *wpos, float *out, unit_t *idx,
@@ -182,16 +188,18 @@ int dynk_forward(const float *x, const float *w, const float *bias, float *wt, f
             bad |= (bits > 0x80000000u) | ((bits & 0x7F800000u) == 0x7F800000u);
         }
         /* W^T [D, Cp] (one unit's weights for all classes contiguous), padded with empty classes */
-        #pragma omp for schedule(static) nowait
+        #pragma omp for schedule(static)
         for (int d0 = 0; d0 < D; d0 += 16)
             for (int c = 0; c < Cp; c++)
                 for (int d = d0; d < d0 + 16 && d < D; d++) wt[(size_t)d * Cp + c] = c < C ? w[(size_t)c * D + d] : 0.0f;
-        /* the bound's largest weight per class, max(max_j W_cj, 0); 0 for the padding */
-        #pragma omp for schedule(static)
-        for (int c = 0; c < Cp; c++) {
-            float m = 0.0f;
-            if (c < C) for (int d = 0; d < D; d++) m = w[(size_t)c * D + d] > m ? w[(size_t)c * D + d] : m;
-            wpos[c] = m;
+        /* the bound's largest weight per class, max(max_j W_cj, 0) (0 for the padding), LANES classes at a time */
+        #pragma omp for schedule(static) reduction(|:bad)
+        for (int g = 0; g < Cp; g += LANES) {
+            vf m = vsplat(0.0f);
+            vi nan = isplat(0);
+            for (int d = 0; d < D; d++) { const vf v = vload(wt + (size_t)d * Cp + g); nan |= v != v; m = vmax(m, v); }
+            memcpy(wpos + g, &m, sizeof m);
+            bad |= any(nan);  /* a NaN weight: let the caller's path propagate it */
         }
     }
     if (bad) return 2;
@@ -203,9 +211,7 @@ int dynk_forward(const float *x, const float *w, const float *bias, float *wt, f
         #pragma omp for schedule(dynamic, 4)
         for (int b = 0; b < B; b++) {
             const float *xb = x + (size_t)b * D;
-            const int nz = order_units(xb, D, order, order + D, key, key + D);
-            for (int j = 0; j < nz; j++) { xs[j] = xb[order[j]]; edge[j] = key_edge(key[j]); }
-            edge[nz] = 0.0f;  /* after the positive units come the zeros */
+            const int nz = order_units(xb, D, order, xs, edge, order + D, key, key + D);
             float *ob = out + (size_t)b * C;
             unit_t *ib = idx + (size_t)b * C * K;
             switch (K) {  /* a constant K unrolls the list updates and keeps the lists in registers */
