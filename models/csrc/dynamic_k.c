@@ -226,11 +226,39 @@ int dynk_forward(const float *x, const float *w, const float *bias, float *wt, f
     return 0;
 }
 
-/* g [B, C], x [B, D], w [C, D], idx [B, C, K] -> gx [B, D] (if not NULL), gw [C, D] (if not NULL), overwritten.
- * Race-free without atomics: gx rows are split by sample, gw rows by class; both passes read idx in its own order.
- * In gx a unit chosen by many classes is updated many times in a row: ACC rotating accumulator rows keep those
- * read-modify-writes from waiting on one another (summed at the end). In gw the repeats are a sample apart. */
+/* Backward: the gradients through the selected connections only. */
 #define ACC 4
+INLINE void grad_x(const float *g, const float *w, const unit_t *idx, float *gx, float *acc, int b, int D, int C,
+                   int K) {
+    memset(acc, 0, sizeof(float) * ACC * D);
+    const unit_t *ix = idx + (size_t)b * C * K;
+    const float *gb = g + (size_t)b * C;
+    for (int c = 0; c < C; c++, ix += K) {
+        const float gg = gb[c];
+        const float *wc = w + (size_t)c * D;
+        float *a = acc + (c % ACC) * D;
+        for (int i = 0; i < K; i++) a[ix[i]] += gg * wc[ix[i]];
+    }
+    float *gxb = gx + (size_t)b * D;
+    for (int d = 0; d < D; d++) gxb[d] = (acc[d] + acc[D + d]) + (acc[2 * D + d] + acc[3 * D + d]);
+}
+
+INLINE void grad_w(const float *g, const float *x, const unit_t *idx, float *gw, int b, int lo, int hi, int D,
+                   int C, int K) {
+    const float *xb = x + (size_t)b * D, *gb = g + (size_t)b * C;
+    const unit_t *ix = idx + ((size_t)b * C + lo) * K;
+    for (int c = lo; c < hi; c++, ix += K) {
+        const float gg = gb[c];
+        float *gwc = gw + (size_t)c * D;
+        for (int i = 0; i < K; i++) gwc[ix[i]] += gg * xb[ix[i]];
+    }
+}
+
+/* g [B, C], x [B, D], w [C, D], idx [B, C, K] -> gx [B, D] (if not NULL), gw [C, D] (if not NULL), overwritten.
+ * Race-free without atomics: gx rows are split by sample, gw rows by class. In gx a unit chosen by many classes is
+ * updated many times in a row: ACC rotating accumulator rows keep those read-modify-writes from waiting on one
+ * another (summed at the end). In gw each thread walks all samples for its range of classes, so repeats of a
+ * (class, unit) pair are a sample apart. */
 int dynk_backward(const float *g, const float *x, const float *w, const unit_t *idx, float *gx, float *gw,
                   int B, int D, int C, int K, int threads) {
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
@@ -238,34 +266,26 @@ int dynk_backward(const float *g, const float *x, const float *w, const unit_t *
         if (gx) {
             float *acc = malloc(sizeof(float) * ACC * D);
             #pragma omp for schedule(static) nowait
-            for (int b = 0; b < B; b++) {
-                memset(acc, 0, sizeof(float) * ACC * D);
-                for (int c = 0; c < C; c++) {
-                    const float gb = g[(size_t)b * C + c];
-                    const unit_t *ix = idx + ((size_t)b * C + c) * K;
-                    const float *wc = w + (size_t)c * D;
-                    float *a = acc + (c % ACC) * D;
-                    for (int i = 0; i < K; i++) a[ix[i]] += gb * wc[ix[i]];
+            for (int b = 0; b < B; b++)
+                switch (K) {  /* a constant K unrolls the inner loop */
+#define CASE(k) case k: grad_x(g, w, idx, gx, acc, b, D, C, k); break;
+                    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(8) CASE(10)
+#undef CASE
+                    default: grad_x(g, w, idx, gx, acc, b, D, C, K);
                 }
-                float *gxb = gx + (size_t)b * D;
-                for (int d = 0; d < D; d++) gxb[d] = (acc[d] + acc[D + d]) + (acc[2 * D + d] + acc[3 * D + d]);
-            }
             free(acc);
         }
         if (gw) {
-            /* each thread owns a range of classes and walks all samples */
             const int nt = omp_get_num_threads(), t = omp_get_thread_num();
             const int lo = (int)((long)C * t / nt), hi = (int)((long)C * (t + 1) / nt);
             memset(gw + (size_t)lo * D, 0, sizeof(float) * (size_t)(hi - lo) * D);
-            for (int b = 0; b < B; b++) {
-                const float *xb = x + (size_t)b * D;
-                for (int c = lo; c < hi; c++) {
-                    const float gb = g[(size_t)b * C + c];
-                    const unit_t *ix = idx + ((size_t)b * C + c) * K;
-                    float *gwc = gw + (size_t)c * D;
-                    for (int i = 0; i < K; i++) gwc[ix[i]] += gb * xb[ix[i]];
+            for (int b = 0; b < B; b++)
+                switch (K) {
+#define CASE(k) case k: grad_w(g, x, idx, gw, b, lo, hi, D, C, k); break;
+                    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(8) CASE(10)
+#undef CASE
+                    default: grad_w(g, x, idx, gw, b, lo, hi, D, C, K);
                 }
-            }
         }
     }
     return 0;
