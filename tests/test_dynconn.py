@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import models.dynconn as dynconn
+from models import dynk_kernel
 from callbacks.dynconn_stats import explain_decisions, predicted_evidence, units_for_evidence, weight_sparsity
 from models.dynconn import DynamicKLinear, DynConnClassifier
 from models.errors import ConfigError
@@ -70,6 +71,7 @@ def test_gradients_reach_only_the_selected_connections():
 
 
 def test_selection_in_blocks_equals_one_block(monkeypatch):
+    monkeypatch.setenv(dynk_kernel.ENV_SWITCH, "0")  # the torch selection (the CPU kernel has no blocks)
     layer, _ = pair(D=32, C=7, k=4, seed=3)
     x = torch.relu(torch.randn(33, 32))
     whole = layer.select(x).sort(-1).values
@@ -85,7 +87,9 @@ def brute_force_topk_values(layer, x):
 @pytest.mark.parametrize("B,D,C,k", [(64, 512, 40, 5), (16, 300, 12, 30), (8, 70, 5, 1)])
 def test_pruned_selection_equals_all_votes(B, D, C, k, monkeypatch):
     """The candidate-then-bound selection (non-negative features, D > 64) picks exactly the K largest votes: the
-    same units as forming all B x C x D votes, also when most pairs need the fallback (tiny blocks force several)."""
+    same units as forming all B x C x D votes, also when most pairs need the fallback (tiny blocks force several).
+    This is the torch path (GPU, other dtypes, no compiler); tests/test_dynk_kernel.py checks the CPU kernel."""
+    monkeypatch.setenv(dynk_kernel.ENV_SWITCH, "0")
     torch.manual_seed(D)
     layer = dynconn.DynamicKLinear(D, C, k)
     x = torch.relu(torch.randn(B, D))
@@ -99,6 +103,7 @@ def test_pruned_selection_equals_all_votes(B, D, C, k, monkeypatch):
 
 
 def test_pruned_selection_decides_most_pairs_and_falls_back_for_the_rest(monkeypatch):
+    monkeypatch.setenv(dynk_kernel.ENV_SWITCH, "0")
     torch.manual_seed(0)
     layer = dynconn.DynamicKLinear(512, 50, 5)
     x = torch.relu(torch.randn(32, 512))
