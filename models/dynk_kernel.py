@@ -1,6 +1,6 @@
 """The compiled CPU kernel of the Dynamic-K head (models/csrc/dynamic_k.c): built on first use, called through ctypes.
 
-The kernel needs only a C compiler (`cc`/`gcc`, or $CC), no torch headers: it compiles in about a second into a cache
+The kernel needs only a C compiler (`cc`/`gcc`, or $CC), no torch headers: it compiles in a few seconds, once, into a cache
 folder ($DYNK_KERNEL_CACHE, else ~/.cache/interpretable-lightning/kernels), keyed by the source, the compiler and the
 CPU, and is reused by every later process. Where no compiler works, `load()` returns None once with a warning, and the
 head uses its pure-torch selection (same results, slower). `DYNK_KERNEL=0` turns the kernel off.

@@ -1,17 +1,19 @@
 /* Dynamic-K activation on the CPU: the exact K largest votes W_cj x_j per (sample, class) for non-negative features,
  * their sum plus bias, and the backward pass through the selected connections only.
  *
- * Compiled on first use by models/dynk_kernel.py (plain C, pthreads, GCC vector extensions; no torch headers) and
- * called through ctypes with the data pointers of contiguous float32 tensors.
+ * Compiled on first use by models/dynk_kernel.py (plain C with GCC vector extensions and OpenMP; no torch headers)
+ * and called through ctypes with the data pointers of contiguous float32 tensors.
  *
  * Forward, per sample:
- *   1. order the D units by descending x_j with a two-pass radix sort on the top 16 bits of the float (for x >= 0 the
- *      bit pattern orders like the value); units with equal keys stay unordered, so the bound on every unit after
- *      position j is the upper edge of the key of the unit at position j + 1 (exact, at most 2^-7 above it);
+ *   1. order the units by descending x_j: the non-zero ones by a two-pass radix sort on the top 16 bits of the float
+ *      (for x >= 0 the bit pattern orders like the value), then the zeros. Units with equal keys stay unordered, so
+ *      the bound on the units from position j on is the upper edge of the key at position j (exact, at most 2^-8
+ *      above the largest of them);
  *   2. for LANES classes at a time (SIMD lanes), walk the units in that order, form the votes x_j W_cj, keep each
- *      lane's K largest in a sorted register list (compare-exchange insertion), and stop as soon as every lane's K-th
- *      vote is >= bound_{j+1} * max(max_j W_cj, 0), which no later unit can beat;
- *   3. units with x_j = 0 vote exactly 0: after the positive units, at most K of them are visited, and only for lanes
+ *      lane's K largest and their units in registers (branch-free compare-exchange insertion), and stop once the
+ *      K-th vote of every lane is >= bound * max(max_j W_cj, 0), which no later unit can beat; the last one or two
+ *      unsettled lanes of a group finish in scalar code;
+ *   3. units with x_j = 0 vote exactly 0: after the positive units, at most K of them are visited, and only by lanes
  *      whose K-th vote is still negative.
  * The selection is exact: ties aside, it returns the same units as the top-K of all D votes. */
 #include <math.h>
