@@ -172,3 +172,30 @@ def test_compiled_library_is_cached_and_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(dynk_kernel.subprocess, "run", no_compiling)
     assert dynk_kernel._compile(compiler, source, tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+
+def _ddp_head_step(rank: int, world_size: int, state: dict, x: torch.Tensor, grad: torch.Tensor):
+    """One forward/backward of the head inside DistributedDataParallel on this rank's half of the batch."""
+    from torch.nn.parallel import DistributedDataParallel
+    layer = DynamicKLinear(x.shape[1], grad.shape[1], 5)
+    layer.load_state_dict(state)
+    model = DistributedDataParallel(layer)
+    shard = slice(rank * x.shape[0] // world_size, (rank + 1) * x.shape[0] // world_size)
+    # DDP averages gradients over ranks: scale the upstream gradient so that the average is the full-batch sum
+    model(x[shard]).backward(grad[shard] * world_size)
+    return {"weight": layer.weight.grad, "bias": layer.bias.grad, "kernel": dynk_kernel.load() is not None}
+
+
+@pytest.mark.ddp
+def test_ddp_gradients_equal_single_process(kernel):
+    from tests.ddp_utils import run_ddp
+    torch.manual_seed(6)
+    layer = DynamicKLinear(192, 11, 5)
+    x = torch.relu(torch.randn(16, 192))
+    grad = torch.randn(16, 11)
+    layer(x).backward(grad)
+    results = run_ddp(_ddp_head_step, world_size=2, args=(layer.state_dict(), x, grad))
+    for r in results:
+        assert r["kernel"]
+        torch.testing.assert_close(r["weight"], layer.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["bias"], layer.bias.grad, rtol=1e-5, atol=1e-6)
