@@ -1,5 +1,5 @@
-"""Dynamic-K on the shapes concept data: it learns, and its decisions need fewer units for 90% of the evidence than
-the dense head of the cached default cnn (same backbone)."""
+"""Dynamic-K on the shapes concept data: it learns as well as the cached default cnn (same backbone), and its
+decisions need fewer units for 90% of the evidence than the dense head."""
 from __future__ import annotations
 
 import pytest
@@ -11,11 +11,13 @@ from callbacks.dynconn_stats import predicted_evidence, units_for_evidence  # no
 
 
 @pytest.mark.slow
-def test_dynconn_learns_shapes_with_sparser_evidence_than_dense_head(run_train, trained_cnn):
-    # the default 6000 training images, 5 of the default 8 epochs, only the Dynamic-K statistics (0.81 here)
-    metrics = run_train(["model=dynconn", "model.k=5", "logger=none", "callbacks=[minimal,dynconn_stats]",
-                         "trainer.max_epochs=5", "seed=0"])
-    assert metrics["test/acc"] > 0.7  # 12 classes: chance is 0.083
+def test_dynconn_learns_shapes_with_sparser_evidence_than_dense_head(run_train, trained_cnn, trained_cnn_run):
+    """The issue's bar: test accuracy within 2 points of the default cnn (same backbone, same 8 epochs), with fewer
+    units for 90% of the evidence. Measured: 0.987 against the cnn's 0.970 (seed 0)."""
+    import json
+    metrics = run_train(["model=dynconn", "model.k=5", "logger=none", "callbacks=[minimal,dynconn_stats]", "seed=0"])
+    cnn_acc = json.loads((trained_cnn_run / "metrics.json").read_text())["metrics"]["test/acc"]
+    assert metrics["test/acc"] >= cnn_acc - 0.02, (metrics["test/acc"], cnn_acc)
     dyn_units = metrics["interp/dynconn/units_for_90pct"]
     assert 1.0 <= dyn_units <= 5.0  # only the K routed units carry evidence
     cnn, dm = trained_cnn
