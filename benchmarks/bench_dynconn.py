@@ -4,8 +4,9 @@ features (batch 256, 512 features, 365 classes, K = 5 -- the authors' Places365 
 On the CPU the head runs the compiled kernel (models/csrc/dynamic_k.c); the script also times the pure-torch
 selection (what runs on a GPU, for other dtypes, or without a C compiler) for comparison.
 
-Run: `python3 benchmarks/bench_dynconn.py [--device cuda] [--repeat N]`. Reports best-of-N wall times, which damps
-the noise of other processes sharing the CPU.
+Run: `python3 benchmarks/bench_dynconn.py [--device cuda] [--repeat N]`. The ratio is the median over N interleaved
+rounds (linear, then Dynamic-K) of their time ratio, so that load from other processes hits both sides of each ratio
+alike; the times printed are medians too.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import timeit  # noqa: E402  (puts the repository root on sys.path)
+from common import timed_ratios, timeit  # noqa: E402  (puts the repository root on sys.path)
 from models import dynk_kernel  # noqa: E402
 from models.dynconn import DynamicKLinear  # noqa: E402
 
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=512)
     parser.add_argument("--classes", type=int, default=365)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -51,12 +52,14 @@ def main() -> None:
         return step
 
     kernel = dynk_kernel.applies(x, head.weight, args.k)
-    t_lin = timeit(run(linear), repeat=args.repeat, warmup=3)
-    t_dk = timeit(run(head), repeat=args.repeat, warmup=3)
+    for _ in range(3):  # warm-up: the kernel's first call builds or loads it
+        run(head)()
+    t_lin, ratios = timed_ratios(run(linear), {"dynk": run(head)}, repeats=args.repeat)
+    ratio = ratios["dynk"]
+    t_dk = ratio * t_lin
     os.environ[dynk_kernel.ENV_SWITCH] = "0"
-    t_torch = timeit(run(head), repeat=max(3, args.repeat // 4), warmup=1)
+    t_torch = timeit(run(head), repeat=max(3, args.repeat // 8), warmup=1)
     os.environ.pop(dynk_kernel.ENV_SWITCH)
-    ratio = t_dk / t_lin
     print(f"device {dev}, {torch.get_num_threads()} threads; batch {args.batch}, {args.features} features, "
           f"{args.classes} classes, K = {args.k}")
     print(f"linear head forward+backward: {t_lin * 1e3:.2f} ms; Dynamic-K head "

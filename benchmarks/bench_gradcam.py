@@ -8,28 +8,12 @@ GradCAM picks it from its own forward pass; captum's LayerGradCam needs a separa
 from __future__ import annotations
 
 import argparse
-import statistics
 
-from common import imagenet_model_and_batch, synced_time as _time  # also puts the repository root on sys.path
+from common import imagenet_model_and_batch, timed_ratios  # also puts the repository root on sys.path
 
 import torch  # noqa: E402
 
 from callbacks.attribution import GradCAM  # noqa: E402
-
-
-def timed_ratios(baseline, candidates: dict, repeats: int) -> tuple[float, dict]:
-    """Median baseline time and, per candidate, the median of (candidate / baseline) over interleaved rounds, so that
-    load from other processes on a shared machine hits both sides of each ratio alike."""
-    baseline()
-    for fn in candidates.values():
-        fn()  # warm-up (allocator, kernels, lazy imports)
-    base, ratios = [], {k: [] for k in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            b = _time(baseline)
-            ratios[name].append(_time(fn) / b)
-            base.append(b)
-    return statistics.median(base), {k: statistics.median(v) for k, v in ratios.items()}
 
 
 def main() -> None:

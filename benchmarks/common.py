@@ -47,6 +47,22 @@ def synced_time(fn) -> float:
     return time.perf_counter() - t
 
 
+def timed_ratios(baseline, candidates: dict, repeats: int) -> tuple[float, dict]:
+    """Median baseline time and, per candidate, the median of (candidate / baseline) over interleaved rounds, so that
+    load from other processes on a shared machine hits both sides of each ratio alike."""
+    import statistics
+    baseline()
+    for fn in candidates.values():
+        fn()  # warm-up (allocator, kernels, lazy imports)
+    base, ratios = [], {k: [] for k in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            b = synced_time(baseline)
+            ratios[name].append(synced_time(fn) / b)
+            base.append(b)
+    return statistics.median(base), {k: statistics.median(v) for k, v in ratios.items()}
+
+
 def imagenet_model_and_batch(backbone: str, size: int, batch: int, threads: int | None = None):
     """(model, random batch, device) for the ImageNet-sized settings the public tools were timed in: a torchvision
     backbone with 1000 classes in eval mode, seed 0; `threads` fixes torch's CPU threads (1: stable ratios on a
