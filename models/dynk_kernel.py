@@ -135,7 +135,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
     (B, D), C = x.shape, weight.shape[0]
     lanes = lib.dynk_lanes()
     Cp = -(-C // lanes) * lanes
-    scratch = _scratch(D * Cp + Cp)  # W^T padded to Cp classes, and the bound's weights
+    scratch = _scratch(D * Cp + 2 * Cp)  # W^T padded to Cp classes, the bound's weights, the padded bias
     out = torch.empty(B, C, dtype=torch.float32)
     index = torch.empty(B, C, k, dtype=torch.int16)
     status = lib.dynk_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), scratch.data_ptr(),

@@ -163,17 +163,18 @@ INLINE void sample_topk(const float *wt, const float *wpos, const float *bias, i
     for (int g = 0; g < Cp; g += LANES) {
         group_topk(wt + g, wpos + g, D, Cp, K, order, xs, edge, nz, top, tix);
         const int lanes = C - g < LANES ? C - g : LANES;
-        for (int l = 0; l < lanes; l++) {
-            float s = 0.0f;
-            unit_t *ix = idx + (size_t)(g + l) * K;
-            for (int i = 0; i < K; i++) { s += top[i * LANES + l]; ix[i] = (unit_t)tix[i * LANES + l]; }
-            out[g + l] = s + bias[g + l];
-        }
+        vf s = vload(top);  /* z = the K largest votes, summed in descending order, + bias */
+        for (int i = 1; i < K; i++) s += vload(top + i * LANES);
+        s += vload(bias + g);
+        memcpy(out + g, &s, sizeof(float) * lanes);
+        unit_t *ix = idx + (size_t)g * K;  /* the group's [lanes][K] block of unit indices */
+        for (int l = 0; l < lanes; l++)
+            for (int i = 0; i < K; i++) ix[l * K + i] = (unit_t)tix[i * LANES + l];
     }
 }
 
 /* x [B, D]; w [C, D]; bias [C]; wt: scratch of D * Cp floats (Cp = C rounded up to a multiple of LANES); wpos:
- * scratch of Cp floats. Writes out [B, C] = sum of the K largest votes + bias, and idx [B, C, K] = their units.
+ * scratch of 2 * Cp floats (the bound's weights, then the bias padded to Cp). Writes out [B, C] = sum of the K largest votes + bias, and idx [B, C, K] = their units.
  * Returns 0, 1 for bad sizes, 2 if x has a negative or non-finite entry (the bound needs x >= 0) or W a NaN: use
  * another path.
  * Work is shared among `threads` OpenMP threads: in a process that has imported torch this is torch's own pool (the
@@ -205,6 +206,8 @@ int dynk_forward(const float *x, const float *w, const float *bias, float *wt, f
         }
     }
     if (bad) return 2;
+    float *bpad = wpos + Cp;
+    for (int c = 0; c < Cp; c++) bpad[c] = c < C ? bias[c] : 0.0f;
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         int32_t *order = malloc(sizeof(int32_t) * 2 * D);
@@ -217,10 +220,10 @@ int dynk_forward(const float *x, const float *w, const float *bias, float *wt, f
             float *ob = out + (size_t)b * C;
             unit_t *ib = idx + (size_t)b * C * K;
             switch (K) {  /* a constant K unrolls the list updates and keeps the lists in registers */
-#define CASE(k) case k: sample_topk(wt, wpos, bias, D, C, Cp, k, order, xs, edge, nz, ob, ib); break;
+#define CASE(k) case k: sample_topk(wt, wpos, bpad, D, C, Cp, k, order, xs, edge, nz, ob, ib); break;
                 CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(8) CASE(10)
 #undef CASE
-                default: sample_topk(wt, wpos, bias, D, C, Cp, K, order, xs, edge, nz, ob, ib);
+                default: sample_topk(wt, wpos, bpad, D, C, Cp, K, order, xs, edge, nz, ob, ib);
             }
         }
         free(order); free(key); free(xs);
