@@ -51,7 +51,7 @@ def main() -> None:
             sync()
         return step
 
-    kernel = dynk_kernel.applies(x, head.weight, args.k)
+    kernel = dynk_kernel.applies(x, head.weight, head.bias, args.k)
     for _ in range(3):  # warm-up: the kernel's first call builds or loads it
         run(head)()
     t_lin, ratios = timed_ratios(run(linear), {"dynk": run(head)}, repeats=args.repeat)

@@ -87,12 +87,13 @@ class DynamicKLinear(nn.Module):
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """Indices [B, C, K] of the K largest votes W_cj x_j per sample and class (no gradient needed).
 
-        Exact in two stages when the features are non-negative (pooled ReLU maps) and D is large: the votes of each
-        sample's CANDIDATES largest features decide every (sample, class) whose K-th best candidate vote beats the
-        bound x_(M+1) * max_j W_cj on any other unit's vote; only the remaining pairs get all D votes. Otherwise (or
-        for small D) all votes are formed."""
+        On the CPU the compiled kernel selects them (see the module docstring). Otherwise: exact in two stages when
+        the features are non-negative (pooled ReLU maps) and D is large: the votes of each sample's CANDIDATES largest
+        features decide every (sample, class) whose K-th best candidate vote beats the bound x_(M+1) * max_j W_cj on
+        any other unit's vote; only the remaining pairs get all D votes. Otherwise (or for small D) all votes are
+        formed."""
         w, x = self.weight.detach(), x.detach()
-        if dynk_kernel.applies(x, w, self.k) and self.bias.dtype == x.dtype:
+        if dynk_kernel.applies(x, w, self.bias, self.k):
             result = dynk_kernel.forward(x, w, self.bias, self.k)
             if result is not None:
                 return result[1].long()
@@ -141,7 +142,7 @@ class DynamicKLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense:  # the sum of all D votes is the linear layer; use the GEMM
             return F.linear(x, self.weight, self.bias)
-        if dynk_kernel.applies(x, self.weight, self.k) and self.bias.dtype == x.dtype:
+        if dynk_kernel.applies(x, self.weight, self.bias, self.k):
             try:
                 return _DynamicKFunction.apply(x, self.weight, self.bias, self.k)
             except _KernelDeclined:

@@ -1,9 +1,9 @@
 """The compiled CPU kernel of the Dynamic-K head (models/csrc/dynamic_k.c): built on first use, called through ctypes.
 
-The kernel needs only a C compiler (`cc`/`gcc`, or $CC), no torch headers: it compiles in a few seconds, once, into a cache
-folder ($DYNK_KERNEL_CACHE, else ~/.cache/interpretable-lightning/kernels), keyed by the source, the compiler and the
-CPU, and is reused by every later process. Where no compiler works, `load()` returns None once with a warning, and the
-head uses its pure-torch selection (same results, slower). `DYNK_KERNEL=0` turns the kernel off.
+The kernel needs only a C compiler (`cc`/`gcc`, or $CC), no torch headers: it compiles in a few seconds, once, into a
+cache folder ($DYNK_KERNEL_CACHE, else ~/.cache/interpretable-lightning/kernels), keyed by the source, the compiler and
+the CPU, and is reused by every later process. Where no compiler works, `load()` returns None once with a warning,
+and the head uses its pure-torch selection (same results, slower). `DYNK_KERNEL=0` turns the kernel off.
 
 Only float32 CPU tensors with non-negative, finite features go through it (see `applies`); the head checks that.
 """
@@ -56,9 +56,9 @@ def _cpu_name() -> str:
 
 def _compile(compiler: str, source: bytes, folder: Path) -> Path | None:
     """The shared library for `source`, compiled with the first flag set the compiler accepts (cached)."""
+    host = [compiler.encode(), platform.machine().encode(), _cpu_name().encode()]
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                         platform.machine().encode(), _cpu_name().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), *host])).hexdigest()[:16]
         target = folder / f"dynamic_k-{key}.so"
         if target.exists():
             return target
@@ -102,6 +102,8 @@ def load() -> ctypes.CDLL | None:
     lib.dynk_backward.argtypes = [P] * 6 + [I] * 5
     for name in ("dynk_forward", "dynk_backward", "dynk_kmax", "dynk_lanes", "dynk_unit_max"):
         getattr(lib, name).restype = I
+    # the kernel's compile-time limits, read once (applies/forward run on every call of the head)
+    lib.kmax, lib.lanes, lib.unit_max = lib.dynk_kmax(), lib.dynk_lanes(), lib.dynk_unit_max()
     return lib
 
 
@@ -116,14 +118,14 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
+def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> bool:
     """Whether the kernel can take these inputs: float32 on the CPU, K <= 64, D <= 32767. (Whether x >= 0, which its
     bound needs, the kernel checks itself: `forward` returns None otherwise.)"""
-    if not enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
-            or x.dim() != 2:
+    if not enabled() or x.device.type != "cpu" or x.dim() != 2 \
+            or any(t.dtype != torch.float32 for t in (x, weight, bias)):
         return False
     lib = load()
-    return lib is not None and k <= lib.dynk_kmax() and x.shape[1] <= lib.dynk_unit_max()
+    return lib is not None and k <= lib.kmax and x.shape[1] <= lib.unit_max
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
@@ -133,8 +135,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
     lib = load()
     x, weight, bias = x.detach().contiguous(), weight.detach().contiguous(), bias.detach().contiguous()
     (B, D), C = x.shape, weight.shape[0]
-    lanes = lib.dynk_lanes()
-    Cp = -(-C // lanes) * lanes
+    Cp = -(-C // lib.lanes) * lib.lanes
     scratch = _scratch(D * Cp + 2 * Cp)  # W^T padded to Cp classes, the bound's weights, the padded bias
     out = torch.empty(B, C, dtype=torch.float32)
     index = torch.empty(B, C, k, dtype=torch.int16)

@@ -44,13 +44,19 @@ static inline vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)
 #else
 static inline vf vmax(vf a, vf b) { return fblend(a > b, a, b); }
 static inline vf vmin(vf a, vf b) { return fblend(a < b, a, b); }
-static inline unsigned mask_bits(vi m) { unsigned r = 0; for (int i = 0; i < LANES; i++) r |= (m[i] != 0) << i; return r; }
+static inline unsigned mask_bits(vi m) {
+    unsigned r = 0;
+    for (int i = 0; i < LANES; i++) r |= (m[i] != 0) << i;
+    return r;
+}
 #endif
 static inline vf vsplat(float a) { const vf zero = {0}; return zero + a; }  /* broadcast */
 static inline vi isplat(int32_t a) { const vi zero = {0}; return zero + a; }
 static inline vi iblend(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
 static inline int any(vi m) { return mask_bits(m) != 0; }
 #define INLINE static inline __attribute__((always_inline))
+/* the K values compiled with a constant K (unrolled list updates, lists in registers); others take the generic code */
+#define CONSTANT_KS(CASE) CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(8) CASE(10)
 
 /* upper edge of the key bucket of the unit at position j: no unit at position >= j has a larger x */
 static inline float key_edge(uint16_t key) {
@@ -98,26 +104,28 @@ INLINE void insert(vf *t, vi *ti, int K, vf v, vi vix) {
     }
 }
 
+/* insert vote v of unit d into one lane's descending K-list t[i * LANES], ti[i * LANES] (the lane's column of the
+ * group's [K][LANES] arrays); v beats the K-th */
+INLINE void lane_insert(float *t, int32_t *ti, int K, float v, int32_t d) {
+    int i = K - 1;
+    for (; i > 0 && v > t[(i - 1) * LANES]; i--) {
+        t[i * LANES] = t[(i - 1) * LANES];
+        ti[i * LANES] = ti[(i - 1) * LANES];
+    }
+    t[i * LANES] = v; ti[i * LANES] = d;
+}
+
 /* One lane's scan, continued in scalar code from position j (its K-list t/ti already full): a vote enters only if it
  * beats the K-th, which late in the scan is rare, so the insertion branch is cheap. */
 INLINE void lane_finish(const float *wt, float wp, int D, int Cp, int K, const int32_t *order, const float *xs,
                         const float *edge, int nz, int j, float *t, int32_t *ti) {
-    /* t[i * LANES], ti[i * LANES]: this lane's descending K-list in the group's [K][LANES] arrays */
     for (; j < nz && t[(K - 1) * LANES] < edge[j] * wp; j++) {
         const float v = xs[j] * wt[(size_t)order[j] * Cp];
-        if (v > t[(K - 1) * LANES]) {
-            int i = K - 1;
-            for (; i > 0 && v > t[(i - 1) * LANES]; i--) { t[i * LANES] = t[(i - 1) * LANES]; ti[i * LANES] = ti[(i - 1) * LANES]; }
-            t[i * LANES] = v; ti[i * LANES] = order[j];
-        }
+        if (v > t[(K - 1) * LANES]) lane_insert(t, ti, K, v, order[j]);
     }
     if (j >= nz)  /* zero units vote 0 (or -0): they enter only below a negative K-th vote */
-        for (int z = nz; z < D && z < nz + K && t[(K - 1) * LANES] < 0.0f; z++) {
-            const float v = 0.0f * wt[(size_t)order[z] * Cp];
-            int i = K - 1;
-            for (; i > 0 && v > t[(i - 1) * LANES]; i--) { t[i * LANES] = t[(i - 1) * LANES]; ti[i * LANES] = ti[(i - 1) * LANES]; }
-            t[i * LANES] = v; ti[i * LANES] = order[z];
-        }
+        for (int z = nz; z < D && z < nz + K && t[(K - 1) * LANES] < 0.0f; z++)
+            lane_insert(t, ti, K, 0.0f * wt[(size_t)order[z] * Cp], order[z]);
 }
 
 /* One group of LANES classes of one sample: the K largest votes of each lane and the units that cast them. Units are
@@ -174,7 +182,8 @@ INLINE void sample_topk(const float *wt, const float *wpos, const float *bias, i
 }
 
 /* x [B, D]; w [C, D]; bias [C]; wt: scratch of D * Cp floats (Cp = C rounded up to a multiple of LANES); wpos:
- * scratch of 2 * Cp floats (the bound's weights, then the bias padded to Cp). Writes out [B, C] = sum of the K largest votes + bias, and idx [B, C, K] = their units.
+ * scratch of 2 * Cp floats (the bound's weights, then the bias padded to Cp). Writes out [B, C] = sum of the K
+ * largest votes + bias, and idx [B, C, K] = their units.
  * Returns 0, 1 for bad sizes, 2 if x has a negative or non-finite entry (the bound needs x >= 0) or W a NaN: use
  * another path.
  * Work is shared among `threads` OpenMP threads: in a process that has imported torch this is torch's own pool (the
@@ -194,7 +203,8 @@ int dynk_forward(const float *x, const float *w, const float *bias, float *wt, f
         #pragma omp for schedule(static)
         for (int d0 = 0; d0 < D; d0 += 16)
             for (int c = 0; c < Cp; c++)
-                for (int d = d0; d < d0 + 16 && d < D; d++) wt[(size_t)d * Cp + c] = c < C ? w[(size_t)c * D + d] : 0.0f;
+                for (int d = d0; d < d0 + 16 && d < D; d++)
+                    wt[(size_t)d * Cp + c] = c < C ? w[(size_t)c * D + d] : 0.0f;
         /* the bound's largest weight per class, max(max_j W_cj, 0) (0 for the padding), LANES classes at a time */
         #pragma omp for schedule(static) reduction(|:bad)
         for (int g = 0; g < Cp; g += LANES) {
@@ -219,9 +229,9 @@ int dynk_forward(const float *x, const float *w, const float *bias, float *wt, f
             const int nz = order_units(xb, D, order, xs, edge, order + D, key, key + D);
             float *ob = out + (size_t)b * C;
             unit_t *ib = idx + (size_t)b * C * K;
-            switch (K) {  /* a constant K unrolls the list updates and keeps the lists in registers */
+            switch (K) {
 #define CASE(k) case k: sample_topk(wt, wpos, bpad, D, C, Cp, k, order, xs, edge, nz, ob, ib); break;
-                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(8) CASE(10)
+                CONSTANT_KS(CASE)
 #undef CASE
                 default: sample_topk(wt, wpos, bpad, D, C, Cp, K, order, xs, edge, nz, ob, ib);
             }
@@ -272,9 +282,9 @@ int dynk_backward(const float *g, const float *x, const float *w, const unit_t *
             float *acc = malloc(sizeof(float) * ACC * D);
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++)
-                switch (K) {  /* a constant K unrolls the inner loop */
+                switch (K) {
 #define CASE(k) case k: grad_x(g, w, idx, gx, acc, b, D, C, k); break;
-                    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(8) CASE(10)
+                    CONSTANT_KS(CASE)
 #undef CASE
                     default: grad_x(g, w, idx, gx, acc, b, D, C, K);
                 }
@@ -287,7 +297,7 @@ int dynk_backward(const float *g, const float *x, const float *w, const unit_t *
             for (int b = 0; b < B; b++)
                 switch (K) {
 #define CASE(k) case k: grad_w(g, x, idx, gw, b, lo, hi, D, C, k); break;
-                    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(8) CASE(10)
+                    CONSTANT_KS(CASE)
 #undef CASE
                     default: grad_w(g, x, idx, gw, b, lo, hi, D, C, K);
                 }
