@@ -14,8 +14,8 @@ sys.path.insert(0, str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from utils.pipeline import optimized_value, train  # noqa: E402
-from utils.sweep_jobs import run_job  # noqa: E402
+from pipeline.training import optimized_value, train  # noqa: E402
+from pipeline.sweep_jobs import run_job  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks import distributed as D
+from core import distributed as D
 from callbacks.base import InterpretationCallback, write_json
 
 log = logging.getLogger(__name__)

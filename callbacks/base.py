@@ -1,150 +1,166 @@
-"""The frame every interpretation callback shares: when to run, how to run safely inside training (gradients on,
-outside inference mode, eval mode restored, parameter grads untouched, hooks removed), how to shard the probe set
-across ranks, how to fail on every rank together, and where results go (run folder + W&B).
+"""The frame every interpretation callback shares. A callback only schedules, shards, reduces, renders and logs; the
+method itself is plain code in algorithms/ (no Lightning import).
 
-A subclass implements `run(trainer, module, epoch) -> dict[str, float]`: it computes on `self.shard(dataset)`,
-reduces with callbacks.distributed, renders/writes on rank 0 (`self.is_rank_zero`) into `self.epoch_dir(...)`, and
-returns scalar metrics that are identical on every rank. The base logs them as `interp/<name>/<metric>`.
+A subclass sets `name` (output folder and metric namespace `interp/<name>/...`), `config_key` (its key under
+`callbacks.` when that differs from `name`) and `requires` (the capabilities of core/protocol.py the model must
+offer), and implements:
+
+- `validate(trainer, module, datamodule)`: called in `setup()`, before the first training step, on every rank.
+  Raise `ConfigError` naming `self.option("<key>")` and the valid values for a setting that cannot work with this
+  model and data (layer names, method names, a missing probe set).
+- `run(trainer, module, epoch) -> dict[str, float]`: compute on `D.shard(dataset)`, reduce with core.distributed,
+  render/write on rank 0 (`self.is_rank_zero`) into `self.epoch_dir(...)`, and return scalar metrics that are
+  identical on every rank. The base logs them as `interp/<name>/<metric>`.
+
+What the base does around `run`: interpretation mode (eval, grads on outside inference mode, flags, parameter
+grads and RNG restored: core/probe.py), timing (`interp/<name>/seconds`), and failures. With `on_error: skip` (the
+default) a failure on any rank is recorded on every rank (traceback in train.log, `interp_errors` in metrics.json),
+the callback is switched off for the rest of the run and training goes on; `on_error: raise` stops the run with an
+`InterpretationError` raised on every rank together.
+
+Callbacks that need another callback's result name it in `depends_on` (e.g. composability needs dissection's concept
+labels) and fetch it with `self.provider(trainer, "dissection").result(...)`; a provider computes each result at
+most once per epoch, whichever callback asks first, so the result never depends on the order of the callback list.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
+import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from callbacks import distributed as D
+from core import distributed as D
+from core.errors import ConfigError
+from core.io import write_json  # noqa: F401 (re-exported for callbacks and benchmarks)
+from core.probe import interpretation_mode, preserved_rng  # noqa: F401 (re-exported)
+from core.protocol import Interpretable, describe_missing
 
 log = logging.getLogger(__name__)
 
+ON_ERROR = ("skip", "raise")
+
 
 class InterpretationError(RuntimeError):
-    """An interpretation callback failed; raised on every rank so that none is left waiting in a collective."""
-
-
-@contextlib.contextmanager
-def interpretation_mode(module: torch.nn.Module):
-    """Gradients enabled and inference mode off (Lightning runs validation under inference_mode on GPUs); eval mode
-    for the duration; train/eval flags, requires_grad flags and every parameter's .grad restored afterwards."""
-    modes = {m: m.training for m in module.modules()}
-    requires = {p: p.requires_grad for p in module.parameters()}
-    grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in module.parameters()}
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            module.eval()
-            yield module
-    finally:
-        for m, training in modes.items():
-            m.training = training
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
-        for p, g in grads.items():
-            p.grad = g
-
-
-@contextlib.contextmanager
-def preserved_rng(device: torch.device | None = None):
-    """The random streams of torch (CPU and the module's CUDA device), Python and NumPy are restored afterwards, so
-    an interpretation method that draws random numbers (sampling, random init, randomisation tests) leaves the
-    training run exactly as it would have been without it."""
-    import random
-
-    import numpy as np
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = []
-    if device is not None and device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-@contextlib.contextmanager
-def forward_hooks(modules: Iterable[torch.nn.Module], hook):
-    """Register `hook` on each module; the handles are removed even when the body raises."""
-    handles = []
-    try:
-        for m in modules:
-            handles.append(m.register_forward_hook(hook))
-        yield handles
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    tmp.replace(path)
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
+    """An interpretation callback failed with on_error=raise; raised on every rank so that none is left waiting in a
+    collective."""
 
 
 class InterpretationCallback(Callback):
     """Runs an interpretation method every `every_n_epochs` training epochs (and after the last one)."""
 
     name: str = "interp"
+    #: the key under `callbacks.` in the config, for messages (None: the same as `name`)
+    config_key: str | None = None
+    #: capabilities (core/protocol.py) the model must offer for this method to apply
+    requires: tuple[type, ...] = (Interpretable,)
+    #: names of callbacks whose results this one needs (checked before training)
+    depends_on: tuple[str, ...] = ()
 
     def __init__(self, every_n_epochs: int = 1, run_on_last_epoch: bool = True, enabled: bool = True,
-                 batch_size: int = 64):
-        if every_n_epochs < 1:
-            raise ValueError(f"callbacks.{self.name}.every_n_epochs={every_n_epochs}: must be >= 1")
+                 batch_size: int = 64, on_error: str = "skip"):
+        key = self.config_key or self.name
+        _check_int(every_n_epochs, f"callbacks.{key}.every_n_epochs", 1)
+        _check_int(batch_size, f"callbacks.{key}.batch_size", 1)
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"callbacks.{key}.on_error={on_error!r}: use 'skip' (record the error, switch this "
+                              f"callback off, finish the run) or 'raise' (stop the run)")
         self.every_n_epochs = int(every_n_epochs)
-        self.run_on_last_epoch = run_on_last_epoch
-        self.enabled = enabled
+        self.run_on_last_epoch = bool(run_on_last_epoch)
+        self.enabled = bool(enabled)
         self.batch_size = int(batch_size)
+        self.on_error = on_error
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self.runs = 0
+        self.disabled = False
+        self._active: bool | None = None
+        self._memo: dict[Any, Any] = {}
+        self._memo_epoch: int | None = None
+
+    # ----- settings -------------------------------------------------------------------------------------------
+    def option(self, key: str) -> str:
+        """`callbacks.<config key>.<key>`, for error messages."""
+        return f"callbacks.{self.config_key or self.name}.{key}"
+
+    def applies_to(self, module) -> bool:
+        """Whether the model offers every capability in `requires`."""
+        return all(isinstance(module, cap) for cap in self.requires)
+
+    def why_not(self, module) -> str:
+        missing = next((cap for cap in self.requires if not isinstance(module, cap)), None)
+        return describe_missing(module, missing) if missing is not None else ""
+
+    def validate(self, trainer: Trainer, module: LightningModule, datamodule) -> None:
+        """Check the settings against the model and the data before training; raise ConfigError naming the key."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._active = self.enabled and self.applies_to(pl_module)
+        if not self.enabled:
+            return
+        if not self._active:
+            if D.is_rank_zero():
+                log.info("%s: does not apply here (%s)", self.option("")[:-1], self.why_not(pl_module))
+            return
+        for dep in self.depends_on:
+            if self.provider(trainer, dep, required=False) is None:
+                raise ConfigError(f"{self.option('')[:-1]} needs callbacks.{dep} (it uses that callback's results); "
+                                  f"add it (callbacks=default has it) or remove {self.option('')[:-1]}")
+        self.validate(trainer, pl_module, getattr(trainer, "datamodule", None))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._active) and not self.disabled
 
     # ----- scheduling -------------------------------------------------------------------------------------------
-    def applies_to(self, module: LightningModule) -> bool:
-        """Whether this method makes sense for the model (e.g. prototype galleries need a ProtoPNet)."""
-        return True
-
     def should_run(self, trainer: Trainer) -> bool:
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        return self.enabled and (epoch % self.every_n_epochs == 0 or (self.run_on_last_epoch and last))
+        return epoch % self.every_n_epochs == 0 or (self.run_on_last_epoch and last)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not self.should_run(trainer) or not self.applies_to(pl_module):
+        if trainer.sanity_checking or not self.should_run(trainer):
             return
-        self.execute(trainer, pl_module)
+        if self._active is None:  # used without trainer.fit's setup (tests, notebooks)
+            self._active = self.enabled and self.applies_to(pl_module)
+        if self.active:
+            self.execute(trainer, pl_module)
 
     def execute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """Run the method now (also usable outside the schedule), log and remember its scalars."""
+        """Run the method now (also usable outside the schedule), log and remember its scalars. Failures follow
+        `on_error` (see the module docstring); every rank takes the same branch."""
         epoch = trainer.current_epoch
         error: BaseException | None = None
+        trace = ""
         metrics: dict[str, float] = {}
-        with interpretation_mode(pl_module), preserved_rng(pl_module.device):
+        started = time.perf_counter()
+        with interpretation_mode(pl_module):
             try:
                 metrics = self.run(trainer, pl_module, epoch) or {}
-            except Exception as err:  # collected, then raised on every rank together
-                error = err
-                log.error("callback %s failed on rank %d:\n%s", self.name, D.rank(), traceback.format_exc())
-        if D.any_rank(error is not None, device=pl_module.device):
+            except Exception as err:  # collected, then handled on every rank together
+                error, trace = err, traceback.format_exc()
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        self.runs += 1
+        if D.agree_any(error is not None, device=pl_module.device):
             where = f"on rank {D.rank()}" if error is not None else "on another rank"
-            raise InterpretationError(f"interpretation callback '{self.name}' failed {where} at epoch {epoch}: "
-                                      f"{error!r}" if error else f"interpretation callback '{self.name}' failed "
-                                      f"{where} at epoch {epoch}; see that rank's log") from error
+            what = f"{type(error).__name__}: {error}" if error is not None else "see that rank's log"
+            message = f"interpretation callback '{self.name}' failed {where} at epoch {epoch}: {what}"
+            if self.on_error == "raise":
+                log.error("%s\n%s", message, trace)
+                raise InterpretationError(message) from error
+            self.errors.append({"callback": self.name, "epoch": int(epoch), "rank": D.rank(),
+                                "error": what, "traceback": trace})
+            self.disabled = True
+            log.error("%s\n%sThe callback is switched off for the rest of this run; training goes on "
+                      "(%s=raise stops the run instead).", message, trace, self.option("on_error"))
+            return {}
         self.last_metrics = {f"interp/{self.name}/{k}": float(v) for k, v in metrics.items()}
         self.history.append({"epoch": epoch, **self.last_metrics})
         for key, value in self.last_metrics.items():
@@ -155,26 +171,44 @@ class InterpretationCallback(Callback):
     def run(self, trainer: Trainer, module: LightningModule, epoch: int) -> dict[str, float]:
         raise NotImplementedError
 
+    # ----- results shared between callbacks ---------------------------------------------------------------------
+    def provider(self, trainer: Trainer, name: str, required: bool = True) -> "InterpretationCallback | None":
+        """The callback of this run called `name` (e.g. "dissection"), whatever its place in the callback list."""
+        for cb in getattr(trainer, "callbacks", None) or []:
+            if isinstance(cb, InterpretationCallback) and cb.name == name and cb is not self:
+                return cb
+        if required:
+            raise ConfigError(f"{self.option('')[:-1]} needs callbacks.{name}, which this run does not have")
+        return None
+
+    def memo(self, epoch: int, key: Any, compute: Callable[[], Any]) -> Any:
+        """`compute()` at most once per epoch and key (results a provider hands to other callbacks)."""
+        if self._memo_epoch != epoch:
+            self._memo, self._memo_epoch = {}, epoch
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     # ----- data -----------------------------------------------------------------------------------------------
     @staticmethod
     def shard(dataset: Dataset) -> Subset:
         """This rank's contiguous part of the probe set (no padding, no repetition)."""
-        return Subset(dataset, D.shard_indices(len(dataset)))
+        return D.shard(dataset)
 
-    def loader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False, num_workers=0)
+    def loader(self, dataset: Dataset, batch_size: int | None = None, **kwargs) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False, num_workers=0, **kwargs)
 
-    @staticmethod
-    def datamodule(trainer: Trainer):
+    def datamodule(self, trainer: Trainer):
         dm = getattr(trainer, "datamodule", None)
         if dm is None:
-            raise InterpretationError("interpretation callbacks need the run's datamodule (trainer.fit(model, datamodule=...))")
+            raise ConfigError(f"{self.option('')[:-1]} needs the run's datamodule "
+                              f"(trainer.fit(model, datamodule=...))")
         return dm
 
     # ----- outputs --------------------------------------------------------------------------------------------
     @property
     def is_rank_zero(self) -> bool:
-        return D.rank() == 0
+        return D.is_rank_zero()
 
     def epoch_dir(self, trainer: Trainer, epoch: int) -> Path:
         """<run folder>/interp/<name>/epoch_<NNN>/ (created on rank 0 only)."""
@@ -183,7 +217,7 @@ class InterpretationCallback(Callback):
             path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def progress(self, iterable, desc: str, total: int | None = None):
+    def progress(self, iterable: Iterable, desc: str, total: int | None = None):
         """A progress bar on rank 0 only."""
         from tqdm.auto import tqdm
         return tqdm(iterable, desc=f"{self.name}: {desc}", total=total, leave=False, disable=not self.is_rank_zero)
@@ -220,9 +254,48 @@ class InterpretationCallback(Callback):
         for lg in self.wandb_loggers(trainer):
             lg.log_table(key=f"interp/{self.name}/{key}", columns=columns, data=rows, step=trainer.global_step)
 
+    # ----- checkpoint state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "last_metrics": self.last_metrics}
+        return {"history": self.history, "last_metrics": self.last_metrics, "errors": self.errors,
+                "disabled": self.disabled, "seconds": self.seconds, "runs": self.runs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
+        self.errors = list(state_dict.get("errors", []))
+        self.disabled = bool(state_dict.get("disabled", False))
+        self.seconds = float(state_dict.get("seconds", 0.0))
+        self.runs = int(state_dict.get("runs", 0))
+
+
+def _check_int(value, option: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        raise ConfigError(f"{option}={value!r}: must be an integer >= {minimum}")
+    if int(value) < minimum:
+        raise ConfigError(f"{option}={value}: must be >= {minimum}")
+
+
+def check_int(value, option: str, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """An integer setting, or a ConfigError naming the option (None allowed when allow_none)."""
+    if value is None and allow_none:
+        return None
+    _check_int(value, option, minimum)
+    return int(value)
+
+
+def check_fraction(value, option: str, low: float = 0.0, high: float = 1.0, inclusive_high: bool = False) -> float:
+    """A float in (low, high) (or (low, high]), or a ConfigError naming the option."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option}={value!r}: must be a number in ({low}, {high}{']' if inclusive_high else ')'}")
+    ok = low < v < high or (inclusive_high and v == high)
+    if not ok:
+        raise ConfigError(f"{option}={value}: must lie in ({low}, {high}{']' if inclusive_high else ')'}")
+    return v
+
+
+def forward_hooks(modules, hook):
+    """Deprecated: use core.probe.capture / core.probe.hooks. Kept until every callback is converted."""
+    from core.probe import hooks
+    return hooks((m, hook, False) for m in modules)

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from callbacks import distributed as D
+from core import distributed as D
 from callbacks.base import InterpretationCallback, write_json
 from callbacks.dissection import (DissectionCallback, DissectionResult, agree_on_failure, dissect)
 from callbacks.ibd import decompose
@@ -229,10 +229,9 @@ def _class_weights(module, device):
 
 
 def uses_unit_contributions(module) -> bool:
-    """True when the model overrides ClassifierModule.unit_contributions (its decision is a sum over units)."""
-    from models.base import ClassifierModule
-    method = getattr(type(module), "unit_contributions", None)
-    return method is not None and method is not ClassifierModule.unit_contributions
+    """True when the model's decision is a sum over units (core.protocol.UnitHead)."""
+    from core.protocol import UnitHead
+    return isinstance(module, UnitHead)
 
 
 class ComposabilityCallback(InterpretationCallback):
@@ -263,7 +262,7 @@ class ComposabilityCallback(InterpretationCallback):
         return uses_unit_contributions(module)
 
     def _layer(self, module) -> str:
-        return self.layer or getattr(module, "composability_layer", None) or module.default_probe_layer or next(
+        return self.layer or getattr(module, "unit_layer", None) or module.default_probe_layer or next(
             reversed(module.probe_layers()))
 
     def _dissection(self, trainer, module, epoch, layer):

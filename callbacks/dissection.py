@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from callbacks import distributed as D
+from core import distributed as D
 from callbacks.base import InterpretationCallback, InterpretationError, forward_hooks, write_json
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from pytorch_lightning import LightningModule, Trainer
 
-from callbacks import distributed as D
+from core import distributed as D
 from callbacks.base import InterpretationCallback, write_json
 
 #: |w| below this fraction of the class's largest |w| counts as zero (weight decay shrinks unrouted weights towards

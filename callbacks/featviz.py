@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks import distributed as D
+from core import distributed as D
 from callbacks.attribution import resolve_layer, scores_fn_of
 from callbacks.base import InterpretationCallback, write_json
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from callbacks import distributed as D
+from core import distributed as D
 from callbacks.base import InterpretationCallback, forward_hooks, write_json
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from callbacks import distributed as D
+from core import distributed as D
 from callbacks.base import InterpretationCallback, write_json
 from models.protopnet_push import (NearestPatches, PushResult, high_activation_boxes, k_nearest_patches,
                                    upsample_maps)

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from models.errors import ConfigError
+from core.errors import ConfigError
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "vgg16", "vgg19", "densenet121")
 BACKBONES = ("small",) + TORCHVISION_BACKBONES

@@ -1,5 +1,7 @@
 """What every classifier of the project shares: metrics, metric names, optimiser wiring, the non-finite-loss guard,
-and the interface interpretation callbacks rely on (`probe_layers`, `class_scores`, `unit_contributions`)."""
+and the `Interpretable` part of the model-to-method protocol (core/protocol.py: `probe_layers`, `class_scores`,
+`default_probe_layer`). Optional capabilities (a sum-over-units head, prototypes, capsules, filter templates) are
+implemented by the models that have them, never here, so `isinstance(model, UnitHead)` is true only for those."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -11,7 +13,9 @@ from pytorch_lightning import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from models.errors import ConfigError
+from core import distributed as D
+from core import probe
+from core.errors import ConfigError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -26,7 +30,7 @@ class ClassifierModule(LightningModule):
     `probe_layers()`.
     """
 
-    #: name of the layer interpretation callbacks probe when none is configured
+    #: name of the layer interpretation methods probe when none is configured ("" = the last probe layer)
     default_probe_layer: str = ""
 
     def __init__(self, num_classes: int, channels: int = 3, image_size: int = 64,
@@ -43,28 +47,19 @@ class ClassifierModule(LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
 
-    # ----- what interpretation callbacks use -------------------------------------------------------------------
+    # ----- the protocol (core/protocol.py) ------------------------------------------------------------------
     def probe_layers(self) -> "OrderedDict[str, nn.Module]":
-        """Layers interpretation callbacks may hook, by name, in forward order."""
+        """Layers interpretation methods may hook, by name, in forward order (default: the backbone's stages)."""
         backbone = getattr(self, "backbone", None)
         return OrderedDict(backbone.probe_layers) if backbone is not None else OrderedDict()
 
     def get_probe_layer(self, name: str | None = None) -> nn.Module:
-        layers = self.probe_layers()
-        name = name or self.default_probe_layer or next(reversed(layers), None)
-        if name not in layers:
-            raise ConfigError(f"layer {name!r} is not a probe layer of {type(self).__name__}; "
-                              f"available: {', '.join(layers) or '(none)'}")
-        return layers[name]
+        """The module of a probe layer (None: the default one); an unknown name lists the valid ones."""
+        return probe.resolve_one(self, name).module
 
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
         """The per-class scores that decisions and attributions are about (logits; capsule lengths for CapsNet)."""
         return self(x)
-
-    def unit_contributions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For models whose decision is a sum over units: (unit activations [B, D], class weights [K, D]), so that
-        the evidence of unit j for class c is activation[:, j] * weight[c, j]. None where it does not apply."""
-        return None
 
     # ----- training ---------------------------------------------------------------------------------------------
     def compute_loss(self, outputs: Any, y: torch.Tensor, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -104,10 +99,8 @@ class ClassifierModule(LightningModule):
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
 
     def check_finite(self, loss: torch.Tensor) -> None:
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # every rank must stop together, or the healthy ranks would wait forever in the next all-reduce
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        # every rank must stop together, or the healthy ranks would wait forever in the next all-reduce
+        bad = D.agree_any(not bool(torch.isfinite(loss.detach()).all()), device=loss.device)
         if bad:
             raise NonFiniteLossError(
                 f"train/loss became non-finite ({loss.item()}) at epoch {self.current_epoch}, step "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import ClassifierModule
-from models.errors import ConfigError
+from core.errors import ConfigError
 from models.routing import dynamic_routing, squash
 
 

@@ -40,6 +40,11 @@ class PooledHeadClassifier(ClassifierModule):
     def probe_layers(self) -> "OrderedDict[str, nn.Module]":
         return OrderedDict(self.backbone.probe_layers)
 
+    # ----- UnitHead (core/protocol.py): the decision is a sum over the pooled units of the default probe layer ----
+    @property
+    def unit_layer(self) -> str:
+        return self.default_probe_layer
+
     def unit_contributions(self, x):
         return self.features(x), self.head.weight
 

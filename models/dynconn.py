@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from models import dynk_kernel
 from models.cnn import PooledHeadClassifier
-from models.errors import ConfigError
+from core.errors import ConfigError
 
 #: votes held at once during the selection (floats): 16M floats = 64 MB bounds the memory of the no-grad vote block
 SELECTION_BLOCK = 1 << 24

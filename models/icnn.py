@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks import distributed as D
+from core import distributed as D
 from models.backbones import feature_size
 from models.cnn import PooledHeadClassifier
-from models.errors import ConfigError
+from core.errors import ConfigError
 from models.icnn_templates import (apply_position_mask, batch_log_mean_exp, check_template_size, filter_loss,
                                    make_templates, position_masks, template_priors, template_scores)
 
@@ -173,6 +173,11 @@ class ICNNClassifier(PooledHeadClassifier):
             layers[f"icnn.filters{i}"] = layer.filters   # the filter's own map x (what the filter loss shapes)
             layers[f"icnn.masked{i}"] = layer.mask       # what the upper layers see
         return layers
+
+    @property
+    def template_layers(self) -> list[str]:
+        """FilterTemplateModel (core/protocol.py): the probe layers of the filters' own maps, lowest first."""
+        return [f"icnn.filters{i}" for i in range(1, len(self.icnn) + 1)]
 
     def filter_class(self, layer: int = -1) -> torch.Tensor:
         """[C] the class each filter of an interpretable layer is assigned to."""

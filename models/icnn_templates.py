@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from models.errors import ConfigError
+from core.errors import ConfigError
 
 #: below 3x3 every positive template covers the whole map, so "one part at one location" cannot be expressed
 MIN_TEMPLATE_SIZE = 3

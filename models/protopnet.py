@@ -20,57 +20,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import distributed as D
+from core.errors import ConfigError
 from models.backbones import build_backbone
 from models.base import ClassifierModule
-from models.errors import ConfigError
+from models.protopnet_push import PushResult, k_nearest_patches, push_prototypes, shard_loader
+from models.prototype_layer import (LOG_SIMILARITY_EPS, SIMILARITIES, SimilarityMaps,  # noqa: F401 (re-exported)
+                                    distance_to_similarity, masked_min, squared_distances)
 
 log = logging.getLogger(__name__)
 
 PHASES = ("warm", "joint", "last_layer")
 GROUPS = ("backbone", "add_on", "prototypes", "last_layer")
-SIMILARITIES = ("log", "linear")
-# eps of the log similarity log((d + 1) / (d + eps)) (Eq. 1 of the paper; 1e-4 in the public code)
-LOG_SIMILARITY_EPS = 1e-4
 # A 1x1 map makes every prototype a whole-image prototype: the push boxes and "this looks like that" lose meaning.
 MIN_FEATURE_SIZE = 2
 
 
-# ----- the prototype layer -------------------------------------------------------------------------------------------
-def squared_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """||z_hw - p_j||^2 for every patch and prototype: z [B, D, H, W], prototypes [m, D] -> [B, m, H, W].
-
-    Expanded as ||z||^2 - 2 z.p + ||p||^2 (one einsum instead of m convolutions) and clamped at 0, because the
-    expansion can go slightly negative in floating point where the true distance is 0 (right after a push)."""
-    z2 = (z * z).sum(dim=1, keepdim=True)
-    zp = torch.einsum("bdhw,md->bmhw", z, prototypes)
-    p2 = (prototypes * prototypes).sum(dim=1).view(1, -1, 1, 1)
-    return (z2 - 2 * zp + p2).clamp_min(0)
-
-
-def distance_to_similarity(d: torch.Tensor, kind: str = "log") -> torch.Tensor:
-    if kind == "log":
-        return torch.log((d + 1) / (d + LOG_SIMILARITY_EPS))
-    return -d
-
-
-def masked_min(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """min over the last dim of `values` where `mask` is true. +inf fill keeps it exact for any distance; the public
-    code's max(max_dist - d) form silently breaks once a distance exceeds max_dist = D."""
-    return values.masked_fill(~mask, math.inf).min(dim=-1).values
-
-
-class SimilarityMaps(nn.Module):
-    """Distance maps [B, m, H, W] -> per-patch similarity maps: a module of its own so that probes (dissection,
-    composability) see one channel per prototype, high where the prototype is present."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, d: torch.Tensor) -> torch.Tensor:
-        return distance_to_similarity(d, self.kind)
-
-
+# ----- the prototype layer (models/prototype_layer.py; shared with the push) ----------------------------------------
 class AddOnLayers(nn.Sequential):
     """1x1 conv (C -> D) + ReLU + 1x1 conv (D -> D) + Sigmoid: patch features in [0, 1]^D."""
 
@@ -168,8 +134,8 @@ class ProtoPNet(ClassifierModule):
     """`model=protopnet`. See the module docstring and docs/protopnet.md."""
 
     default_probe_layer = "add_on"
-    # the decision is a sum over prototypes, so composability reads the prototypes' similarity maps
-    composability_layer = "prototypes"
+    # UnitHead: the decision is a sum over prototypes, whose units are the channels of the similarity maps
+    unit_layer = "prototypes"
 
     def __init__(self, num_classes: int, channels: int = 3, image_size: int = 64, backbone: str = "small",
                  pretrained=None, widths=None, prototypes_per_class: int = 10, prototype_dim: int = 128,
@@ -177,7 +143,7 @@ class ProtoPNet(ClassifierModule):
                  schedule: Mapping[str, Any] | None = None, phase_lrs: Mapping[str, Mapping[str, float]] | None = None,
                  weight_decay: Mapping[str, float] | None = None, optimizer: Callable | None = None,
                  joint_scheduler: Callable | None = None, freeze_batchnorm: bool = False, push_batch_size: int = 75,
-                 prune: Mapping[str, Any] | None = None, select_pushed_checkpoints: bool = True, **kwargs):
+                 prune: Mapping[str, Any] | None = None, **kwargs):
         super().__init__(num_classes=num_classes, channels=channels, image_size=image_size, optimizer=optimizer,
                          scheduler=joint_scheduler, **kwargs)
         self.save_hyperparameters(logger=False)
@@ -211,7 +177,6 @@ class ProtoPNet(ClassifierModule):
         self.freeze_batchnorm = bool(freeze_batchnorm)
         self.push_batch_size = int(push_batch_size)
         self.prune_cfg = {"enabled": False, "k": 6, "min_own_class": 3, **dict(prune or {})}
-        self.select_pushed_checkpoints = bool(select_pushed_checkpoints)
 
         self.backbone = build_backbone(backbone, channels, image_size, pretrained=pretrained, widths=widths,
                                        min_feature_size=MIN_FEATURE_SIZE)
@@ -399,19 +364,10 @@ class ProtoPNet(ClassifierModule):
         """True while the prototypes are the patches of the latest push (only the last layer trains after it)."""
         return self.phase == "last_layer" and bool(self.push_history)
 
-    def configure_callbacks(self):
-        """The best checkpoint (the one train.py tests) must have projected prototypes, or its gallery and its
-        accuracy would describe different models: a checkpoint callback on val/acc is switched to val/acc_pushed
-        (val/acc in epochs after a push, 0 otherwise). Off with model.select_pushed_checkpoints=false."""
-        from pytorch_lightning.callbacks import ModelCheckpoint
-        if self.select_pushed_checkpoints and self.schedule.push and self._trainer is not None:
-            for cb in self.trainer.callbacks:
-                if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/acc":
-                    cb.monitor = "val/acc_pushed"
-        return []
-
     def on_validation_epoch_end(self) -> None:
-        if self.select_pushed_checkpoints and not self.trainer.sanity_checking:
+        # val/acc in epochs whose prototypes are projected, 0 before: what the best checkpoint is chosen on
+        # (conf/model/protopnet.yaml sets callbacks.model_checkpoint.monitor), so the tested model has pushed prototypes
+        if self.schedule.push and not self.trainer.sanity_checking:
             # compute() already reduces over ranks; identical everywhere
             value = self.val_acc.compute() if self.prototypes_projected else torch.zeros((), device=self.device)
             self.log("val/acc_pushed", value, on_step=False, on_epoch=True, sync_dist=False)
@@ -424,8 +380,6 @@ class ProtoPNet(ClassifierModule):
     def push(self, loader=None):
         """Project every prototype onto its nearest training patch of its own class (exact global argmin over the
         datamodule's push set, sharded across ranks); returns the PushResult and records it in push_history."""
-        from callbacks import distributed as D
-        from models.protopnet_push import push_prototypes, shard_loader
         if loader is None:
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "push_dataloader"):
@@ -456,7 +410,6 @@ class ProtoPNet(ClassifierModule):
     def prune(self, loader) -> list[int]:
         """Pruning of the public code: prototype j is pruned when fewer than min_own_class of its k nearest training
         patches (one per image) come from its class. Pruned prototypes are masked, not deleted."""
-        from models.protopnet_push import k_nearest_patches
         k, need = int(self.prune_cfg["k"]), int(self.prune_cfg["min_own_class"])
         nearest = k_nearest_patches(self, loader, k=k, one_per_image=True)
         own = (nearest.labels == self.prototype_classes.to(nearest.labels).unsqueeze(1)).sum(dim=1)
@@ -474,7 +427,6 @@ class ProtoPNet(ClassifierModule):
                                    "last_push": None if self.last_push is None else self.last_push.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from models.protopnet_push import PushResult
         state = checkpoint.get("protopnet") or {}
         self.phase = state.get("phase")
         self.phase_history = list(state.get("phase_history", []))
@@ -482,7 +434,9 @@ class ProtoPNet(ClassifierModule):
         self.last_push = PushResult.from_state_dict(state["last_push"]) if state.get("last_push") else None
 
 
+# the same values as conf/model/protopnet.yaml (tests/test_defaults.py keeps them equal); see the yaml for why they
+# differ from the public code's (joint backbone 1e-4 for a pretrained backbone, last layer 1e-4 over 20 epochs)
 DEFAULT_PHASE_LRS = {"warm": {"add_on": 3e-3, "prototypes": 3e-3},
-                     "joint": {"backbone": 1e-4, "add_on": 3e-3, "prototypes": 3e-3},
-                     "last_layer": {"last_layer": 1e-4}}
+                     "joint": {"backbone": 2e-3, "add_on": 3e-3, "prototypes": 3e-3},
+                     "last_layer": {"last_layer": 1e-2}}
 DEFAULT_WEIGHT_DECAY = {"backbone": 1e-3, "add_on": 1e-3, "prototypes": 0.0, "last_layer": 0.0}

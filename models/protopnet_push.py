@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from callbacks import distributed as D
+from core import distributed as D
+from models.prototype_layer import distance_to_similarity
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,6 @@ class PushResult:
 def push_prototypes(model: nn.Module, batches: Iterable, class_names: list[str] | None = None) -> PushResult:
     """Nearest own-class training patch of every prototype, over `batches` of (images, labels, image indices) (this
     rank's shard under DDP; the result is the global one on every rank). The model is not modified."""
-    from models.protopnet import distance_to_similarity
     identity = model.prototype_class_identity.bool()            # [m, K]
     m, dim = model.prototype_vectors.shape
     device = model.prototype_vectors.device

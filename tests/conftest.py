@@ -48,7 +48,7 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
 
 def train_run(overrides: list[str], output_dir: Path) -> dict:
     """Train in this process; returns the metrics dict that train() also writes to metrics.json."""
-    from utils.pipeline import train
+    from pipeline.training import train
     cfg = compose_config(overrides, output_dir)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -79,7 +79,7 @@ def _training_fingerprint() -> str:
     import hashlib
     root = Path(CONF).parent
     h = hashlib.sha256(repr(TRAINED_CNN_OVERRIDES).encode())
-    for folder, pattern in (("conf", "**/*.yaml"), ("models", "*.py"), ("datamodules", "*.py"), ("utils", "*.py")):
+    for folder, pattern in (("conf", "**/*.yaml"), ("models", "*.py"), ("datamodules", "*.py"), ("core", "*.py"), ("pipeline", "*.py")):
         for f in sorted((root / folder).glob(pattern)):
             h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
     return h.hexdigest()[:12]

@@ -13,7 +13,7 @@ from callbacks.attribution import (CAM, METHODS, AttributionCallback, GradCAM, G
                                    energy_in_mask, get_method, pointing_game, randomize_top_layers, resolve_target,
                                    spearman)
 from callbacks.base import interpretation_mode
-from models.errors import ConfigError
+from core.errors import ConfigError
 from tests.test_attribution_helpers import (SquaresData, SquaresProbe, ToyCAMNet, fake_trainer,  # noqa: F401
                                            one_thread, small_cnn)
 

@@ -91,7 +91,7 @@ def test_interpretation_mode_restores_modes_flags_and_grads():
 
 def test_a_failing_method_raises_naming_the_callback_and_epoch():
     with pytest.raises(InterpretationError, match=r"'failing' failed on rank 0 at epoch 4: KeyError"):
-        FailingCallback().execute(trainer(epoch=4), Module())
+        FailingCallback(on_error="raise").execute(trainer(epoch=4), Module())
 
 
 @pytest.mark.parametrize("every,epochs_run", [(1, list(range(10))), (3, [2, 5, 8, 9]), (20, [9])])

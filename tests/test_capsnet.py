@@ -7,7 +7,7 @@ import torch
 
 from callbacks.capsules import PERTURBATIONS, coupling_to_prediction, perturb_capsule_dimensions
 from models.capsnet import CapsNet, margin_loss, random_shift
-from models.errors import ConfigError
+from core.errors import ConfigError
 from models.routing import dynamic_routing, squash
 
 

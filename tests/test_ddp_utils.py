@@ -1,6 +1,6 @@
 import torch
 
-from callbacks import distributed as D
+from core import distributed as D
 from tests.ddp_utils import run_ddp
 
 

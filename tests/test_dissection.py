@@ -189,7 +189,7 @@ def test_concept_masks_image_label_is_full_image():
 # ----- DDP == single process (one 2-process launch for all DDP checks: spawning costs more than the checks) -------
 
 def _ddp_dissect(rank, world_size, n):
-    from callbacks import distributed as D
+    from core import distributed as D
     probe = ToyProbe(n=n, size=8)
     shard = Subset(probe, D.shard_indices(len(probe)))
     res = dissect(toy_net(), ["0", "2"], DataLoader(shard, batch_size=3), top_n=4)
@@ -282,7 +282,7 @@ def test_callback_removes_hooks_when_an_error_is_raised(tmp_path):
         def forward(self, x):
             raise RuntimeError("boom")
     model.backbone.stages.conv3.append(Boom())
-    cb = DissectionCallback(layers=["backbone.conv2", "backbone.conv4"], probe_size=4)
+    cb = DissectionCallback(layers=["backbone.conv2", "backbone.conv4"], probe_size=4, on_error="raise")
     with pytest.raises(InterpretationError, match="boom"):
         cb.execute(fake_trainer(tmp_path, ToyDataModule(ToyProbe(n=4, size=16))), model)
     assert all_hooks(model) == 0
@@ -309,7 +309,7 @@ def test_folder_that_is_not_broden(tmp_path):
         open_broden(tmp_path)
     with pytest.raises(DissectionError, match="no such folder"):
         open_broden(tmp_path / "nope")
-    cb = DissectionCallback(probe=str(tmp_path))
+    cb = DissectionCallback(probe=str(tmp_path), on_error="raise")
     with pytest.raises(InterpretationError, match="not a Broden folder"):
         cb.execute(fake_trainer(tmp_path, ToyDataModule(None)), small_cnn())
 
@@ -321,7 +321,7 @@ def test_probe_without_concepts_is_an_error_and_missing_probe_is_skipped(tmp_pat
 
         def __getitem__(self, i):
             return torch.zeros(3, 16, 16), 0
-    cb = DissectionCallback()
+    cb = DissectionCallback(on_error="raise")
     with pytest.raises(InterpretationError, match="lacks concept_names"):
         cb.execute(fake_trainer(tmp_path, ToyDataModule(NotBroden())), small_cnn())
     assert DissectionCallback().execute(fake_trainer(tmp_path, ToyDataModule(None)), small_cnn()) == {}
@@ -335,7 +335,7 @@ class CorruptProbe(ToyProbe):
 
 
 def _ddp_failing_callback(rank, world_size, tmp):
-    cb = DissectionCallback(probe_size=8, gallery_units=0)
+    cb = DissectionCallback(probe_size=8, gallery_units=0, on_error="raise")
     try:
         cb.execute(fake_trainer(f"{tmp}/r{rank}", ToyDataModule(CorruptProbe(n=8, size=16))), small_cnn())
     except InterpretationError as err:

@@ -10,7 +10,7 @@ import models.dynconn as dynconn
 from models import dynk_kernel
 from callbacks.dynconn_stats import explain_decisions, predicted_evidence, units_for_evidence, weight_sparsity
 from models.dynconn import DynamicKLinear, DynConnClassifier
-from models.errors import ConfigError
+from core.errors import ConfigError
 
 
 def pair(D=12, C=5, k=None, seed=0):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.errors import ConfigError
+from core.errors import ConfigError
 from models.icnn import FilterAssignment, ICNNClassifier
 from models.icnn_templates import (apply_position_mask, filter_loss, make_templates, position_masks,
                                    template_priors)

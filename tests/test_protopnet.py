@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.errors import ConfigError
+from core.errors import ConfigError
 from models.protopnet import ProtoPNet, ProtoPNetSchedule, masked_min, squared_distances
 from models.protopnet_push import (high_activation_boxes, k_nearest_patches, push_prototypes, receptive_field,
                                    shard_loader)

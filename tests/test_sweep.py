@@ -44,7 +44,7 @@ def wandb_group(job: Path) -> str:
     """The group recorded in the job's offline W&B run file (its `run` record)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    from utils.wandb_offline import find_run_file, iter_records
+    from pipeline.wandb_offline import find_run_file, iter_records
     for raw in iter_records(find_run_file(job)):
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -160,7 +160,7 @@ def test_launcher_and_search_configs_compose(tmp_path):
 
 def test_ddp_job_command_reruns_only_this_job(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
-    from utils import ddp_hydra
+    from pipeline import ddp_hydra
 
     cfg = compose_config([], tmp_path)
     for node in (cfg, cfg.hydra, cfg.hydra.overrides, cfg.hydra.job):

@@ -13,7 +13,7 @@ import torch
 
 from models.base import NonFiniteLossError
 from tests.conftest import ROOT
-from utils.wandb_offline import find_run_file, has_exit_record, read_history
+from pipeline.wandb_offline import find_run_file, has_exit_record, read_history
 
 # a small shapes set: every test below generates it once (cached in .test-cache/data)
 SMALL = ["datamodule.n_train=480", "datamodule.n_val=120", "datamodule.n_test=120", "datamodule.batch_size=60"]
@@ -80,7 +80,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(run_train, 
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from utils.checkpoint_io import AtomicCheckpointIO
+    from pipeline.checkpoint_io import AtomicCheckpointIO
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
     io.save_checkpoint({"a": torch.ones(3)}, path)
@@ -106,7 +106,7 @@ def test_disagreeing_class_count_names_the_options(run_train, tmp_path):
 
 def test_image_size_too_small_names_the_option():
     from models.backbones import build_backbone
-    from models.errors import ConfigError
+    from core.errors import ConfigError
     with pytest.raises(ConfigError, match="datamodule.image_size=8"):
         build_backbone("vgg16", 3, 8)
 

@@ -17,10 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from utils.checkpoint_io import AtomicCheckpointIO
-from utils.run_files import scalar_metrics, write_metrics_json
-from utils.sweep_jobs import apply_sweep_group
-from utils.wandb_setup import configure_wandb, finish_wandb, sync_hint
+from pipeline.checkpoint_io import AtomicCheckpointIO
+from pipeline.run_files import scalar_metrics, write_metrics_json
+from pipeline.sweep_jobs import apply_sweep_group
+from pipeline.wandb_setup import configure_wandb, finish_wandb, sync_hint
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,25 @@ def instantiate_group(group: DictConfig | None) -> list:
         if isinstance(conf, DictConfig) and "_target_" in conf:
             objects.append(hydra.utils.instantiate(conf))
     return objects
+
+
+def instantiate_callbacks(group: DictConfig | None) -> list:
+    """The callbacks group; with `callbacks.interpretation=false` (callbacks=minimal) no interpretation callback,
+    not even those a model's yaml adds."""
+    from callbacks.base import InterpretationCallback
+    callbacks = instantiate_group(group)
+    if group is not None and not group.get("interpretation", True):
+        callbacks = [cb for cb in callbacks if not isinstance(cb, InterpretationCallback)]
+    return callbacks
+
+
+def interpretation_record(trainer) -> dict[str, Any]:
+    """What the interpretation callbacks cost and which of them failed: `interp_seconds` per callback,
+    `interp_errors` (callback, epoch, error, traceback) for metrics.json."""
+    from callbacks.base import InterpretationCallback
+    cbs = [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, InterpretationCallback)]
+    return {"interp_seconds": {cb.name: round(cb.seconds, 3) for cb in cbs if cb.runs},
+            "interp_errors": [e for cb in cbs for e in cb.errors]}
 
 
 def check_model_data_agree(cfg: DictConfig, datamodule) -> None:
@@ -73,7 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule = hydra.utils.instantiate(cfg.datamodule)
         model = hydra.utils.instantiate(cfg.model)
         check_model_data_agree(cfg, datamodule)
-        callbacks = instantiate_group(cfg.get("callbacks"))
+        callbacks = instantiate_callbacks(cfg.get("callbacks"))
         if "wandb" in (cfg.get("logger") or {}):
             mode = configure_wandb(run_dir)
             if mode == "offline" and is_zero:
@@ -102,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if trainer is not None:
                 payload.update(epochs_completed=int(trainer.current_epoch), global_step=int(trainer.global_step),
                                world_size=int(trainer.world_size),
-                               best_checkpoint=best_checkpoint(trainer))
+                               best_checkpoint=best_checkpoint(trainer), **interpretation_record(trainer))
             payload.update(run_info(cfg))  # also for a job that failed before the trainer existed (sweeps)
             if error is not None:
                 payload["error"] = f"{type(error).__name__}: {error}"

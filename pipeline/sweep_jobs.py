@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, open_dict
 
-from utils.ddp_hydra import SWEEP_GROUP_ENV, in_multirun, needs_own_process, run_job_in_own_process
+from pipeline.ddp_hydra import SWEEP_GROUP_ENV, in_multirun, needs_own_process, run_job_in_own_process
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _job_dir(cfg: DictConfig) -> Path:
 
 def _mark_failed(job: Path, err: BaseException) -> None:
     """Make sure metrics.json says failed (train() writes it, but an error in optimized_value comes later)."""
-    from utils.run_files import write_metrics_json
+    from pipeline.run_files import write_metrics_json
     path = job / "metrics.json"
     try:
         payload = json.loads(path.read_text())

@@ -66,7 +66,7 @@ def finish_wandb(wait_s: float = 60.0) -> None:
 
     The run's transaction log (`run-<id>.wandb`) is written by W&B's service process, which may still be
     flushing when `wandb.finish()` returns on a loaded machine; wait (up to `wait_s`) until its final `exit` record is
-    on disk, so that a finished run folder is complete and `wandb sync` / utils.wandb_offline read all of it."""
+    on disk, so that a finished run folder is complete and `wandb sync` / pipeline.wandb_offline read all of it."""
     try:
         import wandb
     except ImportError:  # pragma: no cover
@@ -89,7 +89,7 @@ def wait_for_complete_log(path: Path, wait_s: float = 60.0) -> bool:
     """True once the W&B transaction log at `path` ends with its `exit` record (False after `wait_s`)."""
     import time
 
-    from utils.wandb_offline import has_exit_record
+    from pipeline.wandb_offline import has_exit_record
     deadline = time.monotonic() + wait_s
     while True:
         try:

@@ -35,7 +35,7 @@ SWEEP_ONLY_OVERRIDES = ("hydra.mode", "hydra.sweep", "hydra/sweeper", "hydra.swe
                         "hydra.job.id", "hydra.callbacks")
 # command-line flags that pick the primary config; they are not overrides, so Hydra does not record them
 CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
-# environment variable through which the relaunched job learns its sweep's W&B group (see utils/sweep_jobs.py)
+# environment variable through which the relaunched job learns its sweep's W&B group (see pipeline/sweep_jobs.py)
 SWEEP_GROUP_ENV = "INTERP_SWEEP_GROUP"
 
 
@@ -129,7 +129,7 @@ def run_job_in_own_process(cfg: DictConfig, sweep_group: str | None) -> dict[str
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
 
-    from utils.run_files import write_metrics_json
+    from pipeline.run_files import write_metrics_json
 
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     command = job_command(job_dir)

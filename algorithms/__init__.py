@@ -1,0 +1,7 @@
+"""Interpretation methods as plain code: model, layer and images in; tensors and typed results out.
+
+No module here imports pytorch_lightning: every method works on any model that offers the protocol of
+core/protocol.py, from a notebook as well as from the callbacks in callbacks/, which only schedule, shard, reduce,
+render and log. Imports point down only: algorithms use core/, models/ (Lightning-free parts) and datamodules/
+(data formats), never callbacks/ or pipeline/.
+"""

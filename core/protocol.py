@@ -1,0 +1,150 @@
+"""What a model offers to interpretation methods: the one contract between models/ and algorithms/ + callbacks/.
+
+Every interpretation method needs only what is listed here, never a model class. A model (a `ClassifierModule`
+subclass, a plain `LightningModule` or any `nn.Module`) that implements `Interpretable` gets every generic method
+(dissection, attribution, feature visualisation); each optional capability below unlocks the methods that need it.
+Callbacks decide whether they apply with `isinstance(model, <capability>)` (the protocols are runtime-checkable, so
+no base class is needed: the members just have to exist).
+
+    class MyNet(LightningModule):
+        def probe_layers(self):                      # named layers in forward order
+            return OrderedDict([("conv1", self.conv1), ("conv2", self.conv2)])
+        def class_scores(self, x):                   # [B, K] what decisions and attributions are about
+            return self(x)
+
+See docs/extending.md for worked examples.
+
+| capability | members | unlocks |
+|---|---|---|
+| `Interpretable` | `probe_layers()`, `class_scores(x)`; optional `default_probe_layer: str` | dissection, attribution, featviz, ICNN metrics on any layer |
+| `UnitHead` | `unit_contributions(x)`, `unit_layer: str` | composability + IBD, CAM, Dynamic-K statistics of a dense head |
+| `RoutedUnitHead` | `UnitHead` + `routed_mask(x)` | routed evidence in composability, Dynamic-K statistics |
+| `PrototypeModel` | prototype vectors, similarity maps, last layer, push records | prototype gallery, "this looks like that", purity |
+| `CapsuleModel` | `capsules(x)`, `decode(poses, classes)` | capsule-dimension perturbations, coupling maps |
+| `FilterTemplateModel` | `filter_class(layer)`, `template_layers` | ICNN location instability and part interpretability |
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Interpretable(Protocol):
+    """The minimum: named probe layers and class scores.
+
+    - `probe_layers()` -> ordered mapping name -> nn.Module, in forward order; each module's output is a feature map
+      (conv stages) or a tensor a method can read. Names are what configs use (`callbacks.dissection.layers=[...]`).
+    - `class_scores(x)` -> [B, K]: the per-class scores that decisions and attributions are about (logits; capsule
+      lengths for CapsNet). It must be differentiable with respect to every probe layer's output.
+    - optional attribute `default_probe_layer: str`: the layer methods probe when none is configured; without it the
+      last probe layer is the default.
+    """
+
+    def probe_layers(self) -> Mapping[str, nn.Module]: ...
+
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class UnitHead(Protocol):
+    """The decision is a sum over units: score_c = sum_j a_j W_cj (+ a bias that does not depend on the image).
+
+    - `unit_contributions(x)` -> (activations a [B, D], class weights W [K, D]); the evidence of unit j for class c on
+      an image is a_j W_cj.
+    - `unit_layer: str`: the probe layer whose channels are the D units (its spatial mean, or its max for prototypes,
+      is a), so that dissection's concept labels of that layer name the units of the decision.
+    """
+
+    unit_layer: str
+
+    def unit_contributions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class RoutedUnitHead(UnitHead, Protocol):
+    """A `UnitHead` whose decision uses only some connections per image (Dynamic-K: the K largest votes).
+
+    - `routed_mask(x)` -> bool [B, K, D]: True where the connection of unit j to class c is used for that image, so
+      that score_c = sum_j routed[c, j] a_j W_cj + b_c.
+    """
+
+    def routed_mask(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class PrototypeModel(Protocol):
+    """Prototypical parts (ProtoPNet): a decision is a weighted sum of prototype similarities.
+
+    - `prototype_vectors` [m, D], `prototype_classes` [m] (owning class), `prototype_active` bool [m]
+    - `prototype_features(x)` -> patch features [B, D, H, W]; `similarity_maps(x)` -> [B, m, H, W]
+    - `last_layer`: nn.Linear(m, K) from similarities to class scores
+    - `last_push`: the latest push record (models.protopnet_push.PushResult) or None; `push_history`: one dict per
+      push with its epoch
+    """
+
+    prototype_vectors: torch.Tensor
+    prototype_active: torch.Tensor
+    last_layer: nn.Module
+    last_push: Any
+    push_history: list
+
+    @property
+    def prototype_classes(self) -> torch.Tensor: ...
+
+    def prototype_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def similarity_maps(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class CapsuleModel(Protocol):
+    """Capsules with routing (CapsNet).
+
+    - `capsules(x, labels=None, reconstruct=True)` -> an object with `lengths` [B, K], `poses` [B, K, d],
+      `couplings` [B, I, K], `reconstruction` and `target` (images in [0, 1]) when reconstructing
+    - `decode(poses [N, K, d], classes [N])` -> images [N, C, H, W] in [0, 1]
+    - `primary_types`, `grid_size`: the primary-capsule grid (I = types x grid x grid)
+    """
+
+    primary_types: int
+    grid_size: int
+
+    def capsules(self, x: torch.Tensor, labels: torch.Tensor | None = None, reconstruct: bool = True) -> Any: ...
+
+    def decode(self, poses: torch.Tensor, classes: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class FilterTemplateModel(Protocol):
+    """Filters trained towards one part at one position (the interpretable CNN's templates).
+
+    - `template_layers`: probe layer names of the filters' (unmasked) maps, lowest first
+    - `filter_class(layer=-1)` -> [F] the category each filter of that layer is assigned to
+    """
+
+    template_layers: list
+
+    def filter_class(self, layer: int = -1) -> torch.Tensor: ...
+
+
+CAPABILITIES = (Interpretable, UnitHead, RoutedUnitHead, PrototypeModel, CapsuleModel, FilterTemplateModel)
+
+
+def capabilities(model: Any) -> list[str]:
+    """Names of the capabilities `model` offers (for messages and the run report)."""
+    return [c.__name__ for c in CAPABILITIES if isinstance(model, c)]
+
+
+def describe_missing(model: Any, capability: type) -> str:
+    """Which members of `capability` the model lacks, for an error message."""
+    attrs = getattr(capability, "__protocol_attrs__", None)
+    if attrs is None:  # Python < 3.12
+        from typing import _get_protocol_attrs  # type: ignore[attr-defined]
+        attrs = _get_protocol_attrs(capability)
+    members = [m for m in attrs if not m.startswith("_")]
+    missing = [m for m in sorted(members) if not hasattr(model, m)]
+    return (f"{type(model).__name__} does not offer {capability.__name__} (missing: {', '.join(missing) or '?'}; "
+            f"see core/protocol.py and docs/extending.md)")
