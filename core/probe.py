@@ -167,13 +167,15 @@ def capture(model, layers: str | nn.Module | Sequence[str | nn.Module] | None, x
             value = value.detach().requires_grad_(True)
             acts[point.name] = value
             return value
-        acts[point.name] = value.detach() if detach else (value.clone() if point.pre else value)
+        if point.pre:  # an inplace ReLU overwrites its input after this hook
+            value = value.clone()
+        acts[point.name] = value.detach() if detach else value
         if stop and not scores and len(acts) == len(points):
             raise StopForward
         return None
 
     def make_hook(group: list[HookPoint], pre: bool):
-        if pre:  # the ReLU's input; cloned because an inplace ReLU overwrites it after this hook
+        if pre:  # the ReLU's input
             def pre_hook(module, inputs):
                 for p in group:
                     record(p, inputs[0])
@@ -182,7 +184,9 @@ def capture(model, layers: str | nn.Module | Sequence[str | nn.Module] | None, x
         def hook(module, inputs, output):
             replaced = None
             for p in group:
-                replaced = record(p, output) or replaced
+                value = record(p, output)
+                if value is not None:
+                    replaced = value
             return replaced
         return hook
 
@@ -200,7 +204,7 @@ def capture(model, layers: str | nn.Module | Sequence[str | nn.Module] | None, x
         raise RuntimeError(f"layers {missing} did not run in {type(model).__name__}'s forward pass")
     if scores and isinstance(out, torch.Tensor) and out.dim() != 2:
         raise ValueError(f"class scores must be [batch, classes], got shape {tuple(out.shape)}")
-    return Capture(acts, out if (scores or leaf) else None)
+    return Capture(OrderedDict((n, acts[n]) for n in points), out if (scores or leaf) else None)
 
 
 # ----- running inside training ---------------------------------------------------------------------------------------
