@@ -149,17 +149,21 @@ class InterpretationCallback(Callback):
         self.seconds += seconds
         self.runs += 1
         if D.agree_any(error is not None, device=pl_module.device):
-            where = f"on rank {D.rank()}" if error is not None else "on another rank"
-            what = f"{type(error).__name__}: {error}" if error is not None else "see that rank's log"
-            message = f"interpretation callback '{self.name}' failed {where} at epoch {epoch}: {what}"
+            # every rank learns which rank failed first and why, so rank 0's records name the real error
+            # (a rank that only stopped because a peer failed, D.PeerFailure, is not the cause)
+            local = None if error is None else (isinstance(error, D.PeerFailure), D.rank(),
+                                                f"{type(error).__name__}: {error}", trace)
+            _, failed_rank, what, first_trace = min(r for r in D.all_gather_object(local) if r is not None)
+            message = f"interpretation callback '{self.name}' failed on rank {failed_rank} at epoch {epoch}: {what}"
             if self.on_error == "raise":
                 log.error("%s\n%s", message, trace)
                 raise InterpretationError(message) from error
-            self.errors.append({"callback": self.name, "epoch": int(epoch), "rank": D.rank(),
-                                "error": what, "traceback": trace})
+            self.errors.append({"callback": self.name, "epoch": int(epoch), "rank": failed_rank,
+                                "error": what, "traceback": first_trace})
             self.disabled = True
-            log.error("%s\n%sThe callback is switched off for the rest of this run; training goes on "
-                      "(%s=raise stops the run instead).", message, trace, self.option("on_error"))
+            if error is not None or D.is_rank_zero():
+                log.error("%s\n%sThe callback is switched off for the rest of this run; training goes on "
+                          "(%s=raise stops the run instead).", message, first_trace, self.option("on_error"))
             return {}
         self.last_metrics = {f"interp/{self.name}/{k}": float(v) for k, v in metrics.items()}
         self.history.append({"epoch": epoch, **self.last_metrics})

@@ -109,6 +109,15 @@ def raise_together(error: BaseException | None, device: torch.device | str = "cp
         raise PeerFailure("another rank failed (see its log)")
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order (e.g. which rank failed and why, so rank 0 can record it)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_distributed():
         return obj

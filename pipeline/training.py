@@ -50,11 +50,12 @@ def instantiate_callbacks(group: DictConfig | None) -> list:
 
 
 def interpretation_record(trainer) -> dict[str, Any]:
-    """What the interpretation callbacks cost and which of them failed: `interp_seconds` per callback,
-    `interp_errors` (callback, epoch, error, traceback) for metrics.json."""
+    """What the interpretation callbacks cost and which of them failed, for metrics.json: `interp_seconds` and
+    `interp_runs` per callback, `interp_errors` (callback, epoch, rank, error, traceback)."""
     from callbacks.base import InterpretationCallback
     cbs = [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, InterpretationCallback)]
     return {"interp_seconds": {cb.name: round(cb.seconds, 3) for cb in cbs if cb.runs},
+            "interp_runs": {cb.name: cb.runs for cb in cbs if cb.runs},
             "interp_errors": [e for cb in cbs for e in cb.errors]}
 
 
@@ -81,7 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if is_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    status, error, trainer, metrics = "failed", None, None, {}
+    status, error, trainer, metrics, interp = "failed", None, None, {}, None
     try:
         if cfg.get("seed") is not None:
             pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -103,6 +104,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics.update(scalar_metrics(trainer.callback_metrics))
+        # before testing: trainer.test(ckpt_path=best) restores the callbacks' state of that (earlier) checkpoint
+        interp = interpretation_record(trainer)
 
         if cfg.get("test", True):
             ckpt = best_checkpoint(trainer)
@@ -121,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if trainer is not None:
                 payload.update(epochs_completed=int(trainer.current_epoch), global_step=int(trainer.global_step),
                                world_size=int(trainer.world_size),
-                               best_checkpoint=best_checkpoint(trainer), **interpretation_record(trainer))
+                               best_checkpoint=best_checkpoint(trainer), **(interp or interpretation_record(trainer)))
             payload.update(run_info(cfg))  # also for a job that failed before the trainer existed (sweeps)
             if error is not None:
                 payload["error"] = f"{type(error).__name__}: {error}"
