@@ -2,18 +2,18 @@
 callback's outputs."""
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from callbacks.base import interpretation_mode
-from callbacks.featviz import (AffineTransform, FeatureVisualizationCallback, FourierImage, PixelImage, channel,
-                               class_logit, colour_correlation_sqrt, compose, crop_patches, diversity,
-                               first_layer_filters, jitter, neuron, objective_forward, pad, random_rotate,
-                               random_scale, standard_transforms, top_activations, unit_activation, visualize,
-                               fit_size)
+from algorithms.featviz import (AffineTransform, FeatvizResult, FourierImage, Objective, PixelImage, channel,
+                                class_logit, colour_correlation_sqrt, compose, crop_patches, diversity,
+                                first_layer_filters, fit_size, jitter, neuron, objective_forward, pad, random_rotate,
+                                random_scale, standard_transforms, top_activations, unit_activation, visualize)
+from callbacks.featviz import FeatureVisualizationCallback
+from core.errors import ConfigError
+from core.probe import interpretation_mode
 from tests.test_attribution_helpers import SquaresData, fake_trainer, one_thread, small_cnn  # noqa: F401
 from tests.test_attribution import all_hooks
 
@@ -115,8 +115,11 @@ def test_pre_relu_hook_point_is_the_relu_input():
         z = stage[1](stage[0](model.backbone.stages[:3](x)))  # conv -> BN, before the ReLU
     assert torch.allclose(pre, z[[0, 1], [0, 1]].mean((1, 2)), atol=1e-6)
     assert torch.allclose(post, z.clamp_min(0)[[0, 1], [0, 1]].mean((1, 2)), atol=1e-6)
-    with pytest.raises(ValueError, match="no nn.ReLU"):
-        objective_forward(torch.nn.Sequential(torch.nn.Identity()), channel("0:pre_relu", [0]), x)
+    class NoReLU(torch.nn.Sequential):
+        def probe_layers(self):
+            return {"0": self[0]}
+    with pytest.raises(ConfigError, match="no nn.ReLU"):
+        objective_forward(NoReLU(torch.nn.Identity()), channel("0:pre_relu", [0]), x)
 
 
 def test_hooks_removed_after_an_exception_in_the_objective():
@@ -124,7 +127,6 @@ def test_hooks_removed_after_an_exception_in_the_objective():
 
     def bad(ctx):
         raise RuntimeError("objective failed")
-    from callbacks.featviz import Objective
     with pytest.raises(RuntimeError, match="objective failed"):
         visualize(model, Objective(bad, ["backbone.conv2"], needs_scores=True), PixelImage(1, 3, 32), steps=2)
     assert all_hooks(model) == 0
@@ -167,10 +169,11 @@ def test_callback_writes_grids_and_json(tmp_path):
     out = tmp_path / "interp" / "featviz" / "epoch_002"
     for name in ("units.png", "classes.png", "filters.png", "patches.png"):
         assert (out / name).stat().st_size > 100, name
-    saved = json.loads((out / "featviz.json").read_text())
-    assert [u["kind"] for u in saved["units"]] == ["unit"] * 3 + ["class"] * 4
-    assert saved["metrics"] == pytest.approx(metrics)
-    assert len(saved["top_patches"]["dataset_index"]) == 3 and len(saved["top_patches"]["dataset_index"][0]) == 2
+    saved = FeatvizResult.load(out / "featviz.json")
+    assert [u.kind for u in saved.units] == ["unit"] * 3 + ["class"] * 4
+    assert saved.metrics == pytest.approx(metrics)
+    assert len(saved.top_patches.dataset_index) == 3 and len(saved.top_patches.dataset_index[0]) == 2
+    assert saved.layer == "backbone.conv4" and saved.steps == 6 and saved.epoch == 2
     assert set(metrics) == {"activation_gain_min", "activation_gain_median", "activation_final_mean",
                             "activation_vs_data_min"}
     with pytest.raises(ValueError, match="fourier, pixel"):
@@ -193,6 +196,9 @@ def test_visualize_feeds_fixed_geometry_models_their_input_size():
             super().__init__()
             self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
             self.fc = torch.nn.Linear(4 * 28 * 28, 3)
+
+        def probe_layers(self):
+            return {"conv": self.conv}
 
         def forward(self, x):
             assert x.shape[-2:] == (28, 28), x.shape
