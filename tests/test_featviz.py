@@ -2,10 +2,13 @@
 callback's outputs."""
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from algorithms.featviz import (AffineTransform, FeatvizResult, FourierImage, Objective, PixelImage, channel,
                                 class_logit, colour_correlation_sqrt, compose, crop_patches, diversity,
@@ -14,6 +17,7 @@ from algorithms.featviz import (AffineTransform, FeatvizResult, FourierImage, Ob
 from callbacks.featviz import FeatureVisualizationCallback
 from core.errors import ConfigError
 from core.probe import interpretation_mode
+from models.base import ClassifierModule
 from tests.test_attribution_helpers import SquaresData, fake_trainer, one_thread, small_cnn  # noqa: F401
 from tests.test_attribution import all_hooks
 
@@ -209,3 +213,57 @@ def test_visualize_feeds_fixed_geometry_models_their_input_size():
     param = PixelImage(2, 1, 28, generator=torch.Generator().manual_seed(0))
     images, info = visualize(Fixed(), channel("conv", [0, 1]), param, standard_transforms(28 / 224), steps=5)
     assert images.shape == (2, 1, 28, 28) and len(info["objective"]) == 5
+
+
+# ----- a model written outside the repository ---------------------------------------------------------------------
+class TinyNet(ClassifierModule):
+    """A user's model (issue 12): a ClassifierModule subclass whose probe_layers() are three conv stages and that
+    names no default_probe_layer. Chosen with `model._target_=tests.test_featviz.TinyNet`; the other keys of
+    conf/model/cnn.yaml are accepted and ignored."""
+
+    def __init__(self, num_classes: int, channels: int = 3, image_size: int = 64, optimizer=None, scheduler=None,
+                 **unused):
+        super().__init__(num_classes=num_classes, channels=channels, image_size=image_size, optimizer=optimizer,
+                         scheduler=scheduler)
+        self.stage1 = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.stage3 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, num_classes)
+
+    def probe_layers(self):
+        return OrderedDict([("stage1", self.stage1), ("stage2", self.stage2), ("stage3", self.stage3)])
+
+    def forward(self, x):
+        return self.head(self.stage3(self.stage2(self.stage1(x))).mean((2, 3)))
+
+
+def test_featviz_on_a_model_without_default_probe_layer_uses_its_last_probe_layer(tmp_path):
+    """The reported bug: featviz raised "the model names no default probe layer" at the end of epoch 1."""
+    torch.manual_seed(0)
+    model = TinyNet(num_classes=4).eval()
+    assert not model.default_probe_layer
+    cb = FeatureVisualizationCallback(num_units=3, steps=3, k_patches=2, max_images=8, batch_size=4)
+    cb.validate(fake_trainer(tmp_path, None), model, SquaresData(n=8, size=32))
+    with interpretation_mode(model):
+        metrics = cb.run(fake_trainer(tmp_path, SquaresData(n=8, size=32)), model, 0)
+    saved = FeatvizResult.load(tmp_path / "interp" / "featviz" / "epoch_000" / "featviz.json")
+    assert saved.layer == "stage3" and saved.metrics == pytest.approx(metrics)
+    assert [u.index for u in saved.units if u.kind == "unit"] == [0, 1, 2]
+    assert saved.top_patches.map_size == [8, 8]  # stage3 of a 32 px input
+
+
+@pytest.mark.slow
+def test_featviz_and_attribution_on_a_user_model_through_train_py(run_train, tmp_path):
+    run = tmp_path / "run"
+    run_train(["model=cnn", "model._target_=tests.test_featviz.TinyNet", "datamodule.n_train=96",
+               "datamodule.n_val=32", "datamodule.n_test=32", "datamodule.batch_size=32", "trainer.max_epochs=1",
+               "logger=none", "callbacks=default", "callbacks.dissection.enabled=false",
+               "callbacks.composability.enabled=false", "callbacks.featviz.steps=2", "callbacks.featviz.max_images=16",
+               "callbacks.attribution.max_images=16", "callbacks.attribution.num_render=2",
+               "callbacks.attribution.on_error=raise", "callbacks.featviz.on_error=raise"], run)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["status"] == "completed"
+    assert saved["metrics"]["interp/featviz/activation_gain_min"] is not None
+    assert saved["metrics"]["interp/attribution/gradcam/pointing_game"] is not None
+    assert "interp/attribution/cam/pointing_game" not in saved["metrics"]  # no UnitHead: CAM left out, no error
+    assert FeatvizResult.load(run / "interp" / "featviz" / "epoch_000" / "featviz.json").layer == "stage3"
