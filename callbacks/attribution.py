@@ -86,7 +86,7 @@ class AttributionCallback(InterpretationCallback):
         if self.sanity_method and self.sanity_layers > n_layers:
             raise ConfigError(f"{self.option('sanity_layers')}={self.sanity_layers}: the model has {n_layers} probe "
                               f"layers ({', '.join(probe_layers(module))}); use 1..{n_layers}")
-        if "cam" in self.methods + self.render_methods and not isinstance(module, UnitHead):
+        if "cam" in self.methods + self.render_methods + [self.sanity_method] and not isinstance(module, UnitHead):
             self._log_cam_skipped(module, "the model has no sum-over-units head (core.protocol.UnitHead)")
         if datamodule is not None:
             ds, _ = probe_items(datamodule, self.split, 1)
@@ -103,7 +103,7 @@ class AttributionCallback(InterpretationCallback):
         device = module.device
         ds, masks = probe_items(self.datamodule(trainer), self.split, self.max_images)
         why_not_cam = ""
-        if "cam" in self.methods + self.render_methods:  # one probe image tells whether CAM applies to this layer
+        if "cam" in self.methods + self.render_methods + [self.sanity_method]:  # one image tells if CAM applies
             why_not_cam = cam_unavailable(module, collate_probe([ds[0]], None)["image"].to(device), self.layer)
         if why_not_cam:
             self._log_cam_skipped(module, why_not_cam)
@@ -114,7 +114,7 @@ class AttributionCallback(InterpretationCallback):
         totals = evaluate(module, self.progress(loader, "maps", total=len(loader)), methods, self.layer,
                           target=self.target, deletion_methods=keep(self.deletion_methods),
                           deletion_steps=self.deletion_steps, pointing_tolerance=self.pointing_tolerance,
-                          sanity_method=self.sanity_method, sanity_layers=self.sanity_layers,
+                          sanity_method=(keep([self.sanity_method]) or [None])[0], sanity_layers=self.sanity_layers,
                           sanity_size=self.sanity_size, seed=self.seed, max_batch=self.batch_size)
         totals = totals.unpacked(D.all_reduce_sum(totals.packed()))
         result = AttributionResult(layer=self.layer or default_layer(module), target=self.target,
