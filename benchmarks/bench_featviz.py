@@ -16,7 +16,7 @@ from common import imagenet_model_and_batch, synced_time as _time  # also puts t
 
 import torch  # noqa: E402
 
-from callbacks.featviz import FourierImage, channel, standard_transforms, visualize  # noqa: E402
+from algorithms.featviz import FourierImage, channel, standard_transforms, visualize  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from common import imagenet_model_and_batch, timed_ratios  # also puts the repos
 
 import torch  # noqa: E402
 
-from callbacks.attribution import GradCAM  # noqa: E402
+from algorithms.attribution import GradCAM  # noqa: E402
 
 
 def main() -> None:

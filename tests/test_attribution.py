@@ -2,18 +2,17 @@
 hooks removed, model unchanged), the evaluation metrics, and DDP == single process."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
 
-from callbacks.attribution import (CAM, METHODS, AttributionCallback, GradCAM, GuidedBackprop, GuidedGradCAM,
-                                   Occlusion, ProbeMasks, Saliency, average_ranks, curve_auc, deletion_curve,
-                                   energy_in_mask, get_method, pointing_game, randomize_top_layers, resolve_target,
-                                   spearman)
-from callbacks.base import interpretation_mode
+from algorithms.attribution import (CAM, METHODS, AttributionResult, GradCAM, GuidedBackprop, GuidedGradCAM,
+                                    Occlusion, ProbeMasks, Saliency, average_ranks, curve_auc, deletion_curve,
+                                    energy_in_mask, get_method, pointing_game, randomize_top_layers, resolve_target,
+                                    spearman)
+from callbacks.attribution import AttributionCallback
 from core.errors import ConfigError
+from core.probe import interpretation_mode
 from tests.test_attribution_helpers import (SquaresData, SquaresProbe, ToyCAMNet, fake_trainer,  # noqa: F401
                                            one_thread, small_cnn)
 
@@ -291,6 +290,7 @@ def _callback(**kw):
     kw.setdefault("num_render", 3)
     kw.setdefault("batch_size", 5)
     kw.setdefault("render_methods", ["gradcam", "guided_backprop", "guided_gradcam"])
+    kw.setdefault("deletion_methods", None)  # every evaluated method (the yaml default is gradcam only)
     return AttributionCallback(**kw)
 
 
@@ -316,8 +316,9 @@ def test_callback_metrics_outputs_and_no_side_effects(tmp_path):
     assert -1 <= metrics["gradcam/sanity_spearman"] <= 1
     out = tmp_path / "interp" / "attribution" / "epoch_000"
     assert (out / "overlays.png").stat().st_size > 1000
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["metrics"] == pytest.approx(metrics) and saved["num_images"] == 12
+    saved = AttributionResult.load(out / "metrics.json")
+    assert saved.flat() == pytest.approx(metrics) and saved.num_images == 12
+    assert saved.layer == "backbone.conv4" and saved.target == "true" and saved.epoch == 0
 
 
 def test_callback_pointing_game_on_an_oracle_map(tmp_path):
@@ -355,6 +356,7 @@ def _ddp_callback_metrics(rank, world_size, tmp):
     """Both callbacks on this rank's shard; returns the attribution metrics and featviz's gathered top patches."""
     from pathlib import Path
 
+    from algorithms.featviz import FeatvizResult
     from callbacks.featviz import FeatureVisualizationCallback
     model = small_cnn()
     data = SquaresData(n=13, size=32, empty_every=4)
@@ -365,8 +367,8 @@ def _ddp_callback_metrics(rank, world_size, tmp):
         fv_metrics = fv.run(fake_trainer(Path(tmp), data), model, 0)
     patches = None
     if rank == 0:
-        saved = json.loads((Path(tmp) / "interp" / "featviz" / "epoch_000" / "featviz.json").read_text())
-        patches = saved["top_patches"]
+        saved = FeatvizResult.load(Path(tmp) / "interp" / "featviz" / "epoch_000" / "featviz.json")
+        patches = vars(saved.top_patches)
     return metrics, sorted(fv_metrics), patches
 
 

@@ -19,6 +19,8 @@ class ToyCAMNet(nn.Module):
     """x [B, 1, H, W] -> A = ReLU(conv1x1(x)) with channel weights (+1, -1) -> GAP -> linear W (no bias).
     Grad-CAM/CAM have closed forms: CAM_c = sum_k W_ck A_k, Grad-CAM_c = ReLU(CAM_c) / (H * W)."""
 
+    unit_layer = "features"  # core.protocol.UnitHead: the units of the head are this layer's channels
+
     def __init__(self, weight=((2.0, 1.0), (-1.0, 3.0))):
         super().__init__()
         self.conv = nn.Conv2d(1, 2, 1, bias=False)

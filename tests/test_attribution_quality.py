@@ -3,14 +3,13 @@ points at the ground-truth object, its maps fail the randomisation sanity check 
 top layers are re-initialised), and feature visualization raises every target unit at least 10x."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
+from algorithms.featviz import FeatvizResult
 from callbacks.attribution import AttributionCallback
-from callbacks.base import interpretation_mode
 from callbacks.featviz import FeatureVisualizationCallback
+from core.probe import interpretation_mode
 from tests.test_attribution_helpers import fake_trainer
 
 pytestmark = pytest.mark.slow
@@ -47,11 +46,11 @@ def test_feature_visualization_raises_every_unit_tenfold(trained_cnn, tmp_path):
     cb = FeatureVisualizationCallback(num_units=8, steps=64, classes=True, k_patches=4, max_images=128)
     with interpretation_mode(model):
         m = cb.run(fake_trainer(tmp_path, dm), model, 0)
-    units = json.loads((tmp_path / "interp" / "featviz" / "epoch_000" / "featviz.json").read_text())["units"]
-    gains = [u["gain"] for u in units if u["kind"] == "unit"]
+    units = FeatvizResult.load(tmp_path / "interp" / "featviz" / "epoch_000" / "featviz.json").units
+    gains = [u.gain for u in units if u.kind == "unit"]
     print("gains", [round(g, 1) for g in gains], m)
     assert len(gains) == 8 and min(gains) >= 10.0
     for u in units:
-        if u["kind"] == "class":
-            assert u["final"] > u["initial"], u
+        if u.kind == "class":
+            assert u.final > u.initial, u
     assert torch.isfinite(torch.tensor(gains)).all()

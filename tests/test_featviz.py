@@ -3,17 +3,21 @@ callback's outputs."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
-from callbacks.base import interpretation_mode
-from callbacks.featviz import (AffineTransform, FeatureVisualizationCallback, FourierImage, PixelImage, channel,
-                               class_logit, colour_correlation_sqrt, compose, crop_patches, diversity,
-                               first_layer_filters, jitter, neuron, objective_forward, pad, random_rotate,
-                               random_scale, standard_transforms, top_activations, unit_activation, visualize,
-                               fit_size)
+from algorithms.featviz import (AffineTransform, FeatvizResult, FourierImage, Objective, PixelImage, channel,
+                                class_logit, colour_correlation_sqrt, compose, crop_patches, diversity,
+                                first_layer_filters, fit_size, jitter, neuron, objective_forward, pad, random_rotate,
+                                random_scale, standard_transforms, top_activations, unit_activation, visualize)
+from callbacks.featviz import FeatureVisualizationCallback
+from core.errors import ConfigError
+from core.probe import interpretation_mode
+from models.base import ClassifierModule
 from tests.test_attribution_helpers import SquaresData, fake_trainer, one_thread, small_cnn  # noqa: F401
 from tests.test_attribution import all_hooks
 
@@ -115,8 +119,11 @@ def test_pre_relu_hook_point_is_the_relu_input():
         z = stage[1](stage[0](model.backbone.stages[:3](x)))  # conv -> BN, before the ReLU
     assert torch.allclose(pre, z[[0, 1], [0, 1]].mean((1, 2)), atol=1e-6)
     assert torch.allclose(post, z.clamp_min(0)[[0, 1], [0, 1]].mean((1, 2)), atol=1e-6)
-    with pytest.raises(ValueError, match="no nn.ReLU"):
-        objective_forward(torch.nn.Sequential(torch.nn.Identity()), channel("0:pre_relu", [0]), x)
+    class NoReLU(torch.nn.Sequential):
+        def probe_layers(self):
+            return {"0": self[0]}
+    with pytest.raises(ConfigError, match="no nn.ReLU"):
+        objective_forward(NoReLU(torch.nn.Identity()), channel("0:pre_relu", [0]), x)
 
 
 def test_hooks_removed_after_an_exception_in_the_objective():
@@ -124,7 +131,6 @@ def test_hooks_removed_after_an_exception_in_the_objective():
 
     def bad(ctx):
         raise RuntimeError("objective failed")
-    from callbacks.featviz import Objective
     with pytest.raises(RuntimeError, match="objective failed"):
         visualize(model, Objective(bad, ["backbone.conv2"], needs_scores=True), PixelImage(1, 3, 32), steps=2)
     assert all_hooks(model) == 0
@@ -167,10 +173,11 @@ def test_callback_writes_grids_and_json(tmp_path):
     out = tmp_path / "interp" / "featviz" / "epoch_002"
     for name in ("units.png", "classes.png", "filters.png", "patches.png"):
         assert (out / name).stat().st_size > 100, name
-    saved = json.loads((out / "featviz.json").read_text())
-    assert [u["kind"] for u in saved["units"]] == ["unit"] * 3 + ["class"] * 4
-    assert saved["metrics"] == pytest.approx(metrics)
-    assert len(saved["top_patches"]["dataset_index"]) == 3 and len(saved["top_patches"]["dataset_index"][0]) == 2
+    saved = FeatvizResult.load(out / "featviz.json")
+    assert [u.kind for u in saved.units] == ["unit"] * 3 + ["class"] * 4
+    assert saved.metrics == pytest.approx(metrics)
+    assert len(saved.top_patches.dataset_index) == 3 and len(saved.top_patches.dataset_index[0]) == 2
+    assert saved.layer == "backbone.conv4" and saved.steps == 6 and saved.epoch == 2
     assert set(metrics) == {"activation_gain_min", "activation_gain_median", "activation_final_mean",
                             "activation_vs_data_min"}
     with pytest.raises(ValueError, match="fourier, pixel"):
@@ -194,6 +201,9 @@ def test_visualize_feeds_fixed_geometry_models_their_input_size():
             self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
             self.fc = torch.nn.Linear(4 * 28 * 28, 3)
 
+        def probe_layers(self):
+            return {"conv": self.conv}
+
         def forward(self, x):
             assert x.shape[-2:] == (28, 28), x.shape
             return self.fc(torch.relu(self.conv(x)).flatten(1))
@@ -203,3 +213,57 @@ def test_visualize_feeds_fixed_geometry_models_their_input_size():
     param = PixelImage(2, 1, 28, generator=torch.Generator().manual_seed(0))
     images, info = visualize(Fixed(), channel("conv", [0, 1]), param, standard_transforms(28 / 224), steps=5)
     assert images.shape == (2, 1, 28, 28) and len(info["objective"]) == 5
+
+
+# ----- a model written outside the repository ---------------------------------------------------------------------
+class TinyNet(ClassifierModule):
+    """A user's model (issue 12): a ClassifierModule subclass whose probe_layers() are three conv stages and that
+    names no default_probe_layer. Chosen with `model._target_=tests.test_featviz.TinyNet`; the other keys of
+    conf/model/cnn.yaml are accepted and ignored."""
+
+    def __init__(self, num_classes: int, channels: int = 3, image_size: int = 64, optimizer=None, scheduler=None,
+                 **unused):
+        super().__init__(num_classes=num_classes, channels=channels, image_size=image_size, optimizer=optimizer,
+                         scheduler=scheduler)
+        self.stage1 = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.stage3 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, num_classes)
+
+    def probe_layers(self):
+        return OrderedDict([("stage1", self.stage1), ("stage2", self.stage2), ("stage3", self.stage3)])
+
+    def forward(self, x):
+        return self.head(self.stage3(self.stage2(self.stage1(x))).mean((2, 3)))
+
+
+def test_featviz_on_a_model_without_default_probe_layer_uses_its_last_probe_layer(tmp_path):
+    """The reported bug: featviz raised "the model names no default probe layer" at the end of epoch 1."""
+    torch.manual_seed(0)
+    model = TinyNet(num_classes=4).eval()
+    assert not model.default_probe_layer
+    cb = FeatureVisualizationCallback(num_units=3, steps=3, k_patches=2, max_images=8, batch_size=4)
+    cb.validate(fake_trainer(tmp_path, None), model, SquaresData(n=8, size=32))
+    with interpretation_mode(model):
+        metrics = cb.run(fake_trainer(tmp_path, SquaresData(n=8, size=32)), model, 0)
+    saved = FeatvizResult.load(tmp_path / "interp" / "featviz" / "epoch_000" / "featviz.json")
+    assert saved.layer == "stage3" and saved.metrics == pytest.approx(metrics)
+    assert [u.index for u in saved.units if u.kind == "unit"] == [0, 1, 2]
+    assert saved.top_patches.map_size == [8, 8]  # stage3 of a 32 px input
+
+
+@pytest.mark.slow
+def test_featviz_and_attribution_on_a_user_model_through_train_py(run_train, tmp_path):
+    run = tmp_path / "run"
+    run_train(["model=cnn", "model._target_=tests.test_featviz.TinyNet", "datamodule.n_train=96",
+               "datamodule.n_val=32", "datamodule.n_test=32", "datamodule.batch_size=32", "trainer.max_epochs=1",
+               "logger=none", "callbacks=default", "~callbacks.dissection",
+               "~callbacks.composability", "callbacks.featviz.steps=2", "callbacks.featviz.max_images=16",
+               "callbacks.attribution.max_images=16", "callbacks.attribution.num_render=2",
+               "callbacks.attribution.on_error=raise", "callbacks.featviz.on_error=raise"], run)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["status"] == "completed"
+    assert saved["metrics"]["interp/featviz/activation_gain_min"] is not None
+    assert saved["metrics"]["interp/attribution/gradcam/pointing_game"] is not None
+    assert "interp/attribution/cam/pointing_game" not in saved["metrics"]  # no UnitHead: CAM left out, no error
+    assert FeatvizResult.load(run / "interp" / "featviz" / "epoch_000" / "featviz.json").layer == "stage3"
