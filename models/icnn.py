@@ -176,8 +176,9 @@ class ICNNClassifier(PooledHeadClassifier):
 
     @property
     def template_layers(self) -> list[str]:
-        """FilterTemplateModel (core/protocol.py): the probe layers of the filters' own maps, lowest first."""
-        return [f"icnn.filters{i}" for i in range(1, len(self.icnn) + 1)]
+        """FilterTemplateModel (core/protocol.py): the probe layers of the filters' own maps, lowest first; none for
+        the baseline (`interpretable=false`), whose filters have no templates and no assigned classes."""
+        return [f"icnn.filters{i}" for i in range(1, len(self.icnn) + 1)] if self.interpretable else []
 
     def filter_class(self, layer: int = -1) -> torch.Tensor:
         """[C] the class each filter of an interpretable layer is assigned to."""
