@@ -9,7 +9,8 @@ particular, through the protocol only (core/protocol.py `UnitHead` / `RoutedUnit
   s_j and shares s_j / sum_j |s_j| ("computer room = screen 41% + office 31% + office 28%").
 - `units_for_evidence(evidence, fraction)`: how many units it takes to reach `fraction` of sum_j |s_j|.
 - `weight_sparsity(weight)`: non-zero weights per class.
-- `evidence_sums(...)` + `DynKStats.build(...)`: the statistics over a data set (dynconn.json).
+- `head_parameters` + `evidence_sums(...)` + `DynKStats.build(...)`: the statistics over a data set
+  (dynconn.json).
 """
 from __future__ import annotations
 
@@ -29,15 +30,21 @@ ZERO_TOLERANCE = 1e-2
 DENSE_TOP = 5
 
 
-def routed_evidence(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(evidence s [N, K, D] actually used: a_j W_cj where routed, 0 elsewhere; class scores [N, K]; routed mask
-    [N, K, D] or None for a dense head)."""
+def unit_evidence(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(evidence s [N, K, D] actually used: a_j W_cj where routed, 0 elsewhere; routed mask [N, K, D], or None for
+    a dense head, which routes every connection)."""
     acts, weight = model.unit_contributions(images)
     evidence = acts[:, None, :] * weight[None]
     mask = None
     if isinstance(model, RoutedUnitHead):
         mask = model.routed_mask(images)
         evidence = torch.where(mask, evidence, torch.zeros((), dtype=evidence.dtype, device=evidence.device))
+    return evidence, mask
+
+
+def routed_evidence(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(evidence s [N, K, D] as `unit_evidence`, class scores [N, K], routed mask [N, K, D] or None)."""
+    evidence, mask = unit_evidence(model, images)
     return evidence, scores_fn(model)(images), mask
 
 
@@ -95,9 +102,12 @@ def explain_decisions(model, images: torch.Tensor, top: int | None = None, unit_
 
 
 @torch.no_grad()
-def unit_weights(model, image: torch.Tensor) -> torch.Tensor:
-    """The class weights W [K, D] of the head (one image [C, H, W] through `unit_contributions`)."""
-    return model.unit_contributions(image[None])[1].detach()
+def head_parameters(model, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's class weights W [K, D] and bias b [K] = class_scores - sum_j s_j (image-independent by the UnitHead
+    contract), from one image [C, H, W]."""
+    evidence, scores, _ = routed_evidence(model, image[None])
+    weight = model.unit_contributions(image[None])[1].detach()
+    return weight, (scores - evidence.sum(-1))[0]
 
 
 @dataclass
@@ -111,16 +121,22 @@ class EvidenceSums:
 
 
 @torch.no_grad()
-def evidence_sums(model, batches: Iterable[torch.Tensor], num_classes: int, fraction: float = 0.9,
+def evidence_sums(model, batches: Iterable[torch.Tensor], bias: torch.Tensor, fraction: float = 0.9,
                   device: torch.device | str = "cpu") -> EvidenceSums:
-    """Per predicted class, the units needed for `fraction` of the evidence, summed over the images of `batches`."""
+    """Per predicted class, the units needed for `fraction` of the evidence, summed over the images of `batches`.
+
+    bias: the head's b [K] (`head_parameters`); it does not depend on the image, so the scores are sum_j s_cj + b_c
+    and the class scores need no forward pass of their own (the decisions are those of class_scores up to the order
+    of a float sum)."""
+    num_classes = bias.shape[0]
     sums = EvidenceSums(torch.zeros(num_classes, device=device, dtype=torch.float64),
                         torch.zeros(num_classes, device=device, dtype=torch.float64),
                         torch.zeros((), device=device, dtype=torch.float64),
                         torch.zeros((), device=device, dtype=torch.float64))
+    bias = bias.to(device)
     for x in batches:
-        evidence, scores, mask = routed_evidence(model, x.to(device))
-        pred = scores.argmax(1)
+        evidence, mask = unit_evidence(model, x.to(device))
+        pred = (evidence.sum(-1) + bias).argmax(1)
         rows = torch.arange(len(pred), device=pred.device)
         evidence = evidence[rows, pred]
         n_units = units_for_evidence(evidence, fraction).double()

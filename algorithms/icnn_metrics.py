@@ -164,8 +164,8 @@ class FilterMeasurements:
 
 
 @torch.no_grad()
-def measure_filters(model, layer: str | nn.Module | HookPoint | None, probe, batches: Iterable[dict], top_k: int = TOP_IMAGES,
-                    quantile: float = ACTIVATION_QUANTILE, iou_threshold: float = IOU_THRESHOLD,
+def measure_filters(model, layer: str | nn.Module | HookPoint | None, probe, batches: Iterable[dict],
+                    top_k: int = TOP_IMAGES, quantile: float = ACTIVATION_QUANTILE, iou_threshold: float = IOU_THRESHOLD,
                     progress: Callable[[Iterable, str], Iterable] | None = None,
                     option: str = "layer") -> FilterMeasurements:
     """Location instability and part interpretability of `layer`'s filters on a probe set with part masks and

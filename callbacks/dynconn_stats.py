@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.dynk_stats import DynKStats, evidence_sums, explain_decisions, unit_weights
+from algorithms.dynk_stats import DynKStats, evidence_sums, explain_decisions, head_parameters
 from callbacks.base import InterpretationCallback, check_fraction, check_int
 from core import distributed as D
 from core.errors import ConfigError
@@ -36,7 +36,7 @@ class DynConnStatsCallback(InterpretationCallback):
         ds = dm.val_dataloader().dataset
         subset = torch.utils.data.Subset(ds, range(min(len(ds), self.max_images)))
         dev = model_device(module)
-        weight = unit_weights(module, torch.as_tensor(ds[0][0]).to(dev))
+        weight, bias = head_parameters(module, torch.as_tensor(ds[0][0]).to(dev))
         examples: list = []
 
         def batches():
@@ -46,7 +46,7 @@ class DynConnStatsCallback(InterpretationCallback):
                     examples.extend(explain_decisions(module, x[: self.num_examples - len(examples)]))
                 yield x
 
-        sums = evidence_sums(module, batches(), weight.shape[0], self.fraction, dev)
+        sums = evidence_sums(module, batches(), bias, self.fraction, dev)
         sums.units, sums.count, sums.top1 = (D.all_reduce_sum(t) for t in (sums.units, sums.count, sums.top1))
         sums.routed_max = D.all_reduce_max(sums.routed_max)
         stats = DynKStats.build(epoch, sums, weight, self.fraction, getattr(dm, "class_names", None), examples)

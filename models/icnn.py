@@ -6,7 +6,7 @@ the n^2 + 1 templates, models/icnn_templates.py) to fire on one part of one clas
 argmax removes activations away from that location before the upper layers see them.
 
 `model.interpretable=false` keeps the very same network (same layers, same initial weights for a given seed) without
-masks and without the filter loss: the baseline the metrics in callbacks/icnn_metrics.py compare against.
+masks and without the filter loss: the baseline the metrics in algorithms/icnn_metrics.py compare against.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from algorithms.capsules import CapsulesResult, analyse_capsules
-from algorithms.dynk_stats import DynKStats, evidence_sums, explain_decisions, predicted_evidence
+from algorithms.dynk_stats import DynKStats, evidence_sums, explain_decisions, head_parameters, predicted_evidence
 from algorithms.icnn_metrics import ICNNMetricsResult, measure_filters
 from algorithms.prototypes import PrototypeQuality, PrototypeRecords, push_statistics
 from callbacks.capsules import CapsulesCallback
@@ -123,8 +123,13 @@ def test_dense_unit_head_is_measured_with_the_same_ruler_but_gets_no_callback():
     torch.testing.assert_close(evidence, acts * w[pred])          # every unit counts
     torch.testing.assert_close(evidence.sum(1) + dense.bias[pred], scores[torch.arange(5), pred])
     assert all(len(e["units"]) == 5 for e in explain_decisions(dense, x))
-    sums = evidence_sums(dense, [x], num_classes=3)
+    weight, bias = head_parameters(dense, x[0])
+    torch.testing.assert_close(weight, dense.weight.detach())
+    torch.testing.assert_close(bias, dense.bias.detach())
+    sums = evidence_sums(dense, [x], bias)
     assert float(sums.count.sum()) == 5 and float(sums.routed_max) == 6
+    # the decisions counted are the class scores' decisions
+    assert sums.count.tolist() == torch.bincount(pred, minlength=3).double().tolist()
 
 
 def test_each_callback_applies_exactly_to_the_models_with_its_capability():
@@ -267,6 +272,7 @@ def test_capsules_result_round_trips_and_matches_the_forward_pass(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     analysis = analyse_capsules(model, x)
     result = analysis.result([0, 2], epoch=1)
+    assert isinstance(result, CapsulesResult)
     roundtrip(result, tmp_path)
     with torch.no_grad():
         out = model.capsules(x, reconstruct=True)
@@ -279,7 +285,7 @@ def test_dynk_stats_round_trip(tmp_path):
     torch.manual_seed(0)
     model = TopTwoHead().eval()
     x = torch.rand(6, 3, 32, 32)
-    sums = evidence_sums(model, [x[:4], x[4:]], num_classes=3)
+    sums = evidence_sums(model, [x[:4], x[4:]], head_parameters(model, x[0])[1])
     stats = DynKStats.build(2, sums, model.weight, 0.9, ["a", "b", "c"], explain_decisions(model, x[:2]))
     roundtrip(stats, tmp_path)
     assert stats.k == 2 and sum(r["predicted_images"] for r in stats.per_class) == 6
