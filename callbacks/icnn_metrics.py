@@ -17,7 +17,9 @@ from algorithms.icnn_metrics import (ACTIVATION_QUANTILE, IOU_THRESHOLD, TOP_IMA
 from algorithms.icnn_metrics_render import render_peak_figure
 from callbacks.base import InterpretationCallback, check_fraction, check_int
 from core import probe as P
+from core.errors import ConfigError
 from core.protocol import FilterTemplateModel, Interpretable
+from datamodules.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,12 @@ class ICNNMetricsCallback(InterpretationCallback):
         P.resolve(module, self.layer, option=self.option("layer"))
         if datamodule is None:
             return  # reported by run() through self.datamodule()
-        if self._probe_set(datamodule) is None:
+        try:
+            probe = self._probe_set(datamodule)
+        except (ValueError, KeyError, DataError) as err:
+            raise ConfigError(f"{self.option('split')}={self.split!r}: no such probe split ({err}); use val, test or "
+                              f"train") from err
+        if probe is None:
             self._active = False  # one warning (in _probe_set), then off for this run
 
     def _probe_set(self, dm):

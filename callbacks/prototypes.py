@@ -16,6 +16,7 @@ from algorithms.prototypes import PrototypeQuality, PrototypeRecords, explain, m
 from algorithms.prototypes_render import render_explanation, render_gallery
 from callbacks.base import InterpretationCallback, check_int
 from core.errors import ConfigError
+from datamodules.errors import DataError
 from core.probe import model_device
 from core.protocol import PrototypeModel
 
@@ -62,8 +63,9 @@ class PrototypeCallback(InterpretationCallback):
             return None
         try:
             return dm.probe_dataset(self.probe_split)
-        except (ValueError, KeyError) as err:
-            raise ConfigError(f"{self.option('probe_split')}={self.probe_split!r}: {err}") from err
+        except (ValueError, KeyError, DataError) as err:
+            raise ConfigError(f"{self.option('probe_split')}={self.probe_split!r}: no such probe split ({err}); "
+                              f"use train (the push set's split, needed for the hit rate), val or test") from err
 
     # ----- schedule: after every push ----------------------------------------------------------------------
     def should_run(self, trainer) -> bool:

@@ -194,15 +194,19 @@ def test_unknown_icnn_layer_fails_before_the_first_training_step(tmp_path):
     assert BatchRecorder.batches == 0
 
 
-def test_prototypes_need_the_push_and_vis_data_before_training(tmp_path):
+@pytest.mark.parametrize("data,callback,match", [
+    ("no_vis", lambda: PrototypeCallback(), r"callbacks\.prototypes.*vis_dataset"),
+    ("toy", lambda: PrototypeCallback(probe_split="nope"), r"callbacks\.prototypes\.probe_split='nope'"),
+])
+def test_prototype_settings_the_data_cannot_serve_fail_before_training(tmp_path, data, callback, match):
     from tests.test_protopnet_train import ToyData, toy_model
 
-    class NoVisData(ToyData):
+    class NoVis(ToyData):
         vis_dataset = None
 
     BatchRecorder.batches = 0
-    with pytest.raises(ConfigError, match=r"callbacks\.prototypes.*vis_dataset"):
-        fit(toy_model(), NoVisData(), [BatchRecorder(), PrototypeCallback()], tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        fit(toy_model(), NoVis() if data == "no_vis" else ToyData(), [BatchRecorder(), callback()], tmp_path)
     assert BatchRecorder.batches == 0
 
 
