@@ -303,3 +303,23 @@ def test_icnn_metrics_result_round_trips(tmp_path):
                                      model.filter_class().tolist(), top_k=5)
     roundtrip(result, tmp_path)
     assert len(result.filters) == 6 and result.metrics == measured.metrics()
+
+
+def _dynk_in_process(rank, world_size, root):
+    torch.manual_seed(0)
+    model = TopTwoHead().eval()
+    dm = TinyData(channels=3, image_size=32, n=45)   # uneven shards: 23 + 22 images
+    cb = DynConnStatsCallback(batch_size=8, num_examples=2, on_error="raise")
+    trainer = SimpleNamespace(default_root_dir=root, datamodule=dm, loggers=[], global_step=0, current_epoch=0)
+    return cb.run(trainer, model, 0)
+
+
+@pytest.mark.ddp
+def test_dynk_statistics_under_two_processes_equal_one_process(tmp_path):
+    from tests.ddp_utils import run_ddp
+    single = _dynk_in_process(0, 1, str(tmp_path / "single"))
+    for r in run_ddp(_dynk_in_process, 2, args=(str(tmp_path / "ddp"),)):
+        assert r.keys() == single.keys()
+        for k in single:
+            assert r[k] == pytest.approx(single[k], rel=1e-6), k
+    assert DynKStats.load(tmp_path / "ddp" / "interp" / "dynconn" / "epoch_000" / "dynconn.json").k == 2
