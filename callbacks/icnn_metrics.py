@@ -81,7 +81,7 @@ class ICNNMetricsCallback(InterpretationCallback):
             return {}
         point = P.resolve_one(module, self.layer, self.option("layer"))
         measured = measure_filters(module, point, ds, self.loader(self.shard(ds)), self.top_k, self.quantile,
-                                   self.iou_threshold, progress=lambda it, desc: self.progress(it, desc))
+                                   self.iou_threshold, progress=self.progress)
         metrics = measured.metrics()
         if self.is_rank_zero:
             self.write_results(trainer, module, epoch, ds, point.name, measured)
