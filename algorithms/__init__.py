@@ -5,3 +5,6 @@ core/protocol.py, from a notebook as well as from the callbacks in callbacks/, w
 render and log. Imports point down only: algorithms use core/, models/ (Lightning-free parts) and datamodules/
 (data formats), never callbacks/ or pipeline/.
 """
+
+# the modules whose typed results core.results.load_result must know (each registers its schemas on import)
+from algorithms import capsules, dynk_stats, icnn_metrics, prototypes  # noqa: E402,F401

@@ -20,8 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from callbacks.base import write_json  # noqa: E402
-from callbacks.prototypes import render_gallery  # noqa: E402
+from algorithms.prototypes import PrototypeRecords  # noqa: E402
+from algorithms.prototypes_render import render_gallery  # noqa: E402
 from models.protopnet import ProtoPNet  # noqa: E402
 from models.protopnet_push import push_prototypes  # noqa: E402
 
@@ -75,7 +75,7 @@ def main() -> None:
 
     def push_with_files(out: Path):
         result = push()
-        write_json(out / "prototypes.json", {"prototypes": result.records()})
+        PrototypeRecords.build({}, result).save(out / "prototypes.json")
         sources = {int(i): x01[int(i)] for i in result.image_index[result.pushed].unique().tolist()}
         return render_gallery(result, sources, out)
 

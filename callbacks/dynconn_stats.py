@@ -1,139 +1,58 @@
-"""Explanations and sparsity of a Dynamic-K head (Sun, Ravi & Singh, ICCV 2019).
-
-- `explain_decisions(model, images)`: per image, the routed units of the predicted class with their contributions
-  s_j = x_j W_cj and shares s_j / sum_j |s_j| ("computer room = screen 41% + office 31% + office 28%").
-- `units_for_evidence(evidence, fraction)`: how many units it takes to reach `fraction` of sum_j |s_j|.
-- `weight_sparsity(weight)`: non-zero weights per class.
-Work for any head given as evidence [N, D] (the dense head's x_j W_cj, or the routed evidence of a Dynamic-K head),
-so the dense cnn and dynconn are measured with the same ruler.
-The callback logs `interp/dynconn/{units_for_90pct, nonzero_weights_per_class, routed_share_top1, ...}` every epoch.
-"""
+"""Decision sparsity of a routed unit head (Dynamic-K) every epoch on the validation set (algorithms/dynk_stats.py):
+logs `interp/dynconn/{units_for_90pct, routed_share_top1, nonzero_weights_per_class, nonzero_weights_fraction}` and
+writes <run>/interp/dynconn/epoch_NNN/dynconn.json (`DynKStats`: per class, example explanations)."""
 from __future__ import annotations
 
 import torch
-from pytorch_lightning import LightningModule, Trainer
 
+from algorithms.dynk_stats import DynKStats, evidence_sums, explain_decisions, head_parameters
+from callbacks.base import InterpretationCallback, check_fraction, check_int
 from core import distributed as D
-from callbacks.base import InterpretationCallback, write_json
-
-#: |w| below this fraction of the class's largest |w| counts as zero (weight decay shrinks unrouted weights towards
-#: 0 but never to exactly 0)
-ZERO_TOLERANCE = 1e-2
-
-
-def predicted_evidence(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(evidence [N, D] of each image's predicted class, predicted classes [N], class scores [N, C]).
-
-    For a Dynamic-K head the evidence is the routed one (x_j W_cj on the top-K units, 0 elsewhere); for a dense
-    linear head every unit's x_j W_cj."""
-    features = model.features(images)
-    head = model.head
-    if hasattr(head, "unit_evidence"):
-        evidence = head.unit_evidence(features)                                  # [N, C, D]
-        scores = evidence.sum(-1) + head.bias
-    else:
-        evidence = features[:, None, :] * head.weight[None]
-        scores = evidence.sum(-1) + (head.bias if head.bias is not None else 0.0)
-    pred = scores.argmax(1)
-    return evidence[torch.arange(len(pred), device=pred.device), pred], pred, scores
-
-
-def units_for_evidence(evidence: torch.Tensor, fraction: float = 0.9) -> torch.Tensor:
-    """Smallest number of units whose |s_j| reach `fraction` of sum_j |s_j|, per row of evidence [N, D] -> [N]."""
-    mass = evidence.abs().sort(dim=1, descending=True).values
-    cum = mass.cumsum(1)
-    total = cum[:, -1:]
-    reached = cum >= fraction * total - 1e-12 * total.clamp_min(1.0)
-    return reached.float().argmax(1) + 1
-
-
-def weight_sparsity(weight: torch.Tensor, tolerance: float = ZERO_TOLERANCE) -> torch.Tensor:
-    """Non-zero weights per class [C]: |w_cj| > tolerance * max_j |w_cj|."""
-    w = weight.detach().abs()
-    return (w > tolerance * w.amax(1, keepdim=True)).sum(1)
-
-
-@torch.no_grad()
-def explain_decisions(model, images: torch.Tensor, top: int | None = None, unit_names=None) -> list[dict]:
-    """Per image: predicted class, its score, bias, and the `top` (default: K for Dynamic-K, 5 otherwise) units with
-    their contributions s_j and shares s_j / sum_j |s_j|. For Dynamic-K the contributions of the routed units sum to
-    score - bias exactly."""
-    evidence, pred, scores = predicted_evidence(model, images)
-    k = top or getattr(model.head, "k", 5)
-    k = min(k, evidence.shape[1])
-    total = evidence.abs().sum(1, keepdim=True).clamp_min(1e-12)
-    top_vals, top_idx = evidence.abs().topk(k, dim=1)
-    contrib = evidence.gather(1, top_idx)
-    shares = contrib / total
-    bias = model.head.bias[pred]
-    out = []
-    for n in range(images.shape[0]):
-        units = top_idx[n].tolist()
-        out.append({"predicted": int(pred[n]), "score": float(scores[n, pred[n]]), "bias": float(bias[n]),
-                    "evidence": float(evidence[n].sum()), "units": units,
-                    "unit_names": [unit_names[u] for u in units] if unit_names else None,
-                    "contributions": contrib[n].tolist(), "shares": shares[n].tolist()})
-    return out
+from core.errors import ConfigError
+from core.probe import model_device
+from core.protocol import RoutedUnitHead
 
 
 class DynConnStatsCallback(InterpretationCallback):
-    """Sparsity of the Dynamic-K head's decisions on the validation set and of its weights, every epoch."""
+    """Sparsity of the routed head's decisions on the validation set and of its weights, every epoch."""
 
     name = "dynconn"
+    config_key = "dynconn_stats"
+    requires = (RoutedUnitHead,)
 
     def __init__(self, fraction: float = 0.9, max_images: int = 512, num_examples: int = 8, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"callbacks.dynconn_stats.fraction={fraction}: must lie in (0, 1]")
-        self.fraction = float(fraction)
-        self.max_images = int(max_images)
-        self.num_examples = int(num_examples)
+        self.fraction = check_fraction(fraction, self.option("fraction"), inclusive_high=True)
+        self.max_images = check_int(max_images, self.option("max_images"), 1)
+        self.num_examples = check_int(num_examples, self.option("num_examples"), 0)
 
-    def applies_to(self, module: LightningModule) -> bool:
-        from models.dynconn import DynConnClassifier
-        return isinstance(module, DynConnClassifier)
+    def validate(self, trainer, module, datamodule) -> None:
+        if datamodule is None or not callable(getattr(datamodule, "val_dataloader", None)):
+            raise ConfigError(f"{self.option('')[:-1]} measures on the validation set: it needs the run's "
+                              f"datamodule with val_dataloader() (trainer.fit(model, datamodule=...))")
 
-    def run(self, trainer: Trainer, module, epoch: int) -> dict[str, float]:
+    def run(self, trainer, module, epoch: int) -> dict[str, float]:
         dm = self.datamodule(trainer)
         ds = dm.val_dataloader().dataset
-        n_total = min(len(ds), self.max_images)
-        subset = torch.utils.data.Subset(ds, range(n_total))
-        C = module.num_classes
-        dev = module.device
-        units_sum = torch.zeros(C, device=dev, dtype=torch.float64)
-        top1_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        count = torch.zeros(C, device=dev, dtype=torch.float64)
+        subset = torch.utils.data.Subset(ds, range(min(len(ds), self.max_images)))
+        dev = model_device(module)
+        weight, bias = head_parameters(module, torch.as_tensor(ds[0][0]).to(dev))
         examples: list = []
-        with torch.no_grad():
+
+        def batches():
             for batch in self.loader(self.shard(subset)):
                 x = batch[0].to(dev)
-                evidence, pred, _ = predicted_evidence(module, x)
-                n_units = units_for_evidence(evidence, self.fraction).double()
-                units_sum.index_add_(0, pred, n_units)
-                count.index_add_(0, pred, torch.ones_like(n_units))
-                share = evidence.abs().amax(1) / evidence.abs().sum(1).clamp_min(1e-12)
-                top1_sum += share.double().sum()
                 if self.is_rank_zero and len(examples) < self.num_examples:
-                    examples += explain_decisions(module, x[: self.num_examples - len(examples)])
-        units_sum, count, top1_sum = (D.all_reduce_sum(t) for t in (units_sum, count, top1_sum))
-        nonzero = weight_sparsity(module.head.weight).double()
-        images = count.sum().clamp_min(1)
-        pct = int(round(self.fraction * 100))
-        metrics = {f"units_for_{pct}pct": float(units_sum.sum() / images),
-                   "routed_share_top1": float(top1_sum / images),
-                   "nonzero_weights_per_class": float(nonzero.mean()),
-                   "nonzero_weights_fraction": float(nonzero.mean() / module.head.weight.shape[1])}
+                    examples.extend(explain_decisions(module, x[: self.num_examples - len(examples)]))
+                yield x
+
+        sums = evidence_sums(module, batches(), bias, self.fraction, dev)
+        sums.units, sums.count, sums.top1 = (D.all_reduce_sum(t) for t in (sums.units, sums.count, sums.top1))
+        sums.routed_max = D.all_reduce_max(sums.routed_max)
+        stats = DynKStats.build(epoch, sums, weight, self.fraction, getattr(dm, "class_names", None), examples)
         if self.is_rank_zero:
-            per_class = (units_sum / count.clamp_min(1)).tolist()
-            names = list(getattr(dm, "class_names", None) or [str(c) for c in range(C)])
-            rows = [[names[c], int(nonzero[c]), per_class[c], int(count[c])] for c in range(C)]
-            out_dir = self.epoch_dir(trainer, epoch)
-            write_json(out_dir / "dynconn.json", {
-                "epoch": epoch, "k": getattr(module.head, "k", None), "fraction": self.fraction,
-                "metrics": metrics, "zero_tolerance": ZERO_TOLERANCE,
-                "per_class": [{"class": r[0], "nonzero_weights": r[1], f"units_for_{pct}pct": r[2],
-                               "predicted_images": r[3]} for r in rows],
-                "examples": examples})
+            stats.save(self.epoch_dir(trainer, epoch) / "dynconn.json")
+            pct = int(round(self.fraction * 100))
             self.log_table(trainer, "per_class", ["class", "nonzero_weights", f"units_for_{pct}pct", "images"],
-                           rows)
-        return metrics
+                           [list(r.values()) for r in stats.per_class])
+        return stats.metrics

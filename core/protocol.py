@@ -79,7 +79,9 @@ class PrototypeModel(Protocol):
     """Prototypical parts (ProtoPNet): a decision is a weighted sum of prototype similarities.
 
     - `prototype_vectors` [m, D], `prototype_classes` [m] (owning class), `prototype_active` bool [m]
-    - `prototype_features(x)` -> patch features [B, D, H, W]; `similarity_maps(x)` -> [B, m, H, W]
+    - `prototype_features(x)` -> patch features [B, D, H, W]; `distances(z)` -> the distance of every prototype to
+      every patch of z, [B, m, H, W] (ProtoPNet: squared L2); `similarity_maps(x)` -> [B, m, H, W], a decreasing
+      function of `distances(prototype_features(x))`
     - `last_layer`: nn.Linear(m, K) from similarities to class scores
     - `last_push`: the latest push record (models.protopnet_push.PushResult) or None; `push_history`: one dict per
       push with its epoch
@@ -95,6 +97,8 @@ class PrototypeModel(Protocol):
     def prototype_classes(self) -> torch.Tensor: ...
 
     def prototype_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def distances(self, z: torch.Tensor) -> torch.Tensor: ...
 
     def similarity_maps(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -121,7 +125,8 @@ class CapsuleModel(Protocol):
 class FilterTemplateModel(Protocol):
     """Filters trained towards one part at one position (the interpretable CNN's templates).
 
-    - `template_layers`: probe layer names of the filters' (unmasked) maps, lowest first
+    - `template_layers`: probe layer names of the filters' (unmasked) maps, lowest first (empty when no filter has a
+      template, e.g. the ICNN baseline)
     - `filter_class(layer=-1)` -> [F] the category each filter of that layer is assigned to
     """
 

@@ -6,7 +6,7 @@ the n^2 + 1 templates, models/icnn_templates.py) to fire on one part of one clas
 argmax removes activations away from that location before the upper layers see them.
 
 `model.interpretable=false` keeps the very same network (same layers, same initial weights for a given seed) without
-masks and without the filter loss: the baseline the metrics in callbacks/icnn_metrics.py compare against.
+masks and without the filter loss: the baseline the metrics in algorithms/icnn_metrics.py compare against.
 """
 from __future__ import annotations
 
@@ -176,8 +176,9 @@ class ICNNClassifier(PooledHeadClassifier):
 
     @property
     def template_layers(self) -> list[str]:
-        """FilterTemplateModel (core/protocol.py): the probe layers of the filters' own maps, lowest first."""
-        return [f"icnn.filters{i}" for i in range(1, len(self.icnn) + 1)]
+        """FilterTemplateModel (core/protocol.py): the probe layers of the filters' own maps, lowest first; none for
+        the baseline (`interpretable=false`), whose filters have no templates and no assigned classes."""
+        return [f"icnn.filters{i}" for i in range(1, len(self.icnn) + 1)] if self.interpretable else []
 
     def filter_class(self, layer: int = -1) -> torch.Tensor:
         """[C] the class each filter of an interpretable layer is assigned to."""

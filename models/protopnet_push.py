@@ -5,7 +5,7 @@ it: per batch one masked min/argmin over [prototypes, images x positions] (other
 running best across batches, and under DDP one exchange of each rank's best candidate per prototype, after which
 every rank picks the same global best (ties go to the smaller image index, as in a single pass over the set). The
 public code loops in Python over prototypes for every batch and rewrites image files on every improvement; this is
-the same argmin, with images rendered once afterwards (callbacks/prototypes.py).
+the same argmin, with images rendered once afterwards (algorithms/prototypes_render.py).
 
 The model must provide `prototype_features(x) -> z [B, D, H, W]`, `distances(z) -> [B, m, H, W]`,
 `prototype_class_identity [m, K]`, `prototype_vectors [m, D]`, `similarity`, `image_size` and `backbone`.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from callbacks.capsules import PERTURBATIONS, coupling_to_prediction, perturb_capsule_dimensions
+from algorithms.capsules import PERTURBATIONS, coupling_to_prediction, perturb_capsule_dimensions
 from models.capsnet import CapsNet, margin_loss, random_shift
 from core.errors import ConfigError
 from models.routing import dynamic_routing, squash

@@ -2,13 +2,14 @@
 folder, metrics logged under interp/<name>/, applies only to its model."""
 from __future__ import annotations
 
-import json
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.capsules import PERTURBATIONS, CapsulesCallback
+from algorithms.capsules import PERTURBATIONS, CapsulesResult
+from algorithms.dynk_stats import DynKStats
+from callbacks.capsules import CapsulesCallback
 from callbacks.dynconn_stats import DynConnStatsCallback
 from models.capsnet import CapsNet
 from models.cnn import CNNClassifier
@@ -62,9 +63,9 @@ def test_capsules_callback_writes_grids_heatmap_json(tmp_path):
     out = tmp_path / "interp" / "capsules" / "epoch_000"
     assert (out / "perturbation_00.png").stat().st_size > 0 and (out / "perturbation_01.png").is_file()
     assert (out / "coupling_heatmap.png").stat().st_size > 0
-    data = json.loads((out / "capsules.json").read_text())
-    assert data["perturbations"] == list(PERTURBATIONS) and len(data["images"]) == 2
-    grid = torch.tensor(data["images"][0]["coupling_to_prediction_grid"])
+    data = CapsulesResult.load(out / "capsules.json")
+    assert data.perturbations == list(PERTURBATIONS) and len(data.images) == 2
+    grid = torch.tensor(data.images[0]["coupling_to_prediction_grid"])
     assert grid.shape == (6, 6) and bool(((grid > 0) & (grid < 1)).all())
     assert "interp/capsules/reconstruction_sse" in trainer.callback_metrics
     # couplings of a child sum to 1 over 3 parents, so the mean coupling to any one parent is 1/3 on average
@@ -80,9 +81,9 @@ def test_dynconn_callback_logs_sparsity_every_epoch(tmp_path):
     m = trainer.callback_metrics
     assert 1.0 <= float(m["interp/dynconn/units_for_90pct"]) <= 4.0  # at most the K routed units carry evidence
     assert 0 < float(m["interp/dynconn/nonzero_weights_per_class"]) <= 24
-    data = json.loads((tmp_path / "interp" / "dynconn" / "epoch_000" / "dynconn.json").read_text())
-    assert data["k"] == 4 and len(data["per_class"]) == 3 and len(data["examples"]) == 8
-    ex = data["examples"][0]
+    data = DynKStats.load(tmp_path / "interp" / "dynconn" / "epoch_000" / "dynconn.json")
+    assert data.k == 4 and len(data.per_class) == 3 and len(data.examples) == 8
+    ex = data.examples[0]
     assert sum(ex["contributions"]) == __import__("pytest").approx(ex["evidence"], abs=1e-5)
     assert not (tmp_path / "interp" / "capsules").exists()
     assert not DynConnStatsCallback().applies_to(CNNClassifier(num_classes=3, channels=3, image_size=32))

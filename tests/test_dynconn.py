@@ -8,7 +8,7 @@ from torch import nn
 
 import models.dynconn as dynconn
 from models import dynk_kernel
-from callbacks.dynconn_stats import explain_decisions, predicted_evidence, units_for_evidence, weight_sparsity
+from algorithms.dynk_stats import explain_decisions, predicted_evidence, units_for_evidence, weight_sparsity
 from models.dynconn import DynamicKLinear, DynConnClassifier
 from core.errors import ConfigError
 

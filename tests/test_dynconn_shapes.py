@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("datamodules.shapes", reason="needs the datamodules (feat/data)")
 
-from callbacks.dynconn_stats import predicted_evidence, units_for_evidence  # noqa: E402
+from algorithms.dynk_stats import predicted_evidence, units_for_evidence  # noqa: E402
 
 
 @pytest.mark.slow
@@ -15,7 +15,7 @@ def test_dynconn_learns_shapes_with_sparser_evidence_than_dense_head(run_train, 
     """The issue's bar: test accuracy within 2 points of the default cnn (same backbone, same 8 epochs), with fewer
     units for 90% of the evidence. Measured: 0.987 against the cached cnn's 0.966."""
     import json
-    metrics = run_train(["model=dynconn", "model.k=5", "logger=none", "callbacks=[minimal,dynconn_stats]", "seed=0"])
+    metrics = run_train(["model=dynconn", "model.k=5", "logger=none", "callbacks=minimal", "callbacks.interpretation=true", "seed=0"])
     cnn_acc = json.loads((trained_cnn_run / "metrics.json").read_text())["metrics"]["test/acc"]
     assert metrics["test/acc"] >= cnn_acc - 0.02, (metrics["test/acc"], cnn_acc)
     dyn_units = metrics["interp/dynconn/units_for_90pct"]

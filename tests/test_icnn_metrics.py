@@ -2,7 +2,6 @@
 plain functions, files written, and 2-process DDP equal to one process."""
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 
@@ -10,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from callbacks.icnn_metrics import (ICNNMetricsCallback, activation_thresholds, bilinear_upsample, layer_maps,
-                                    location_instability,
-                                    part_interpretability, part_iou_hits, part_masks, peak_positions,
-                                    receptive_field_centres)
+from algorithms.icnn_metrics import (ICNNMetricsResult, activation_thresholds, bilinear_upsample, layer_maps, location_instability,
+                                     part_interpretability, part_iou_hits, part_masks, peak_positions,
+                                     receptive_field_centres)
+from callbacks.icnn_metrics import ICNNMetricsCallback
 
 NAN = float("nan")
 
@@ -179,9 +178,10 @@ def test_callback_equals_the_plain_functions_and_writes_its_files(tmp_path):
     assert 0 < metrics["interp/icnn/live_filters"] <= 1
 
     out = tmp_path / "interp" / "icnn" / "epoch_000"
-    saved = json.loads((out / "icnn_metrics.json").read_text())
-    assert saved["layer"] == "icnn.filters1" and len(saved["filters"]) == 6
-    assert saved["filters"][0]["best_part"] in ("square", "bar") and saved["filters"][0]["class"] in (0, 1)
+    saved = ICNNMetricsResult.load(out / "icnn_metrics.json")
+    assert saved.layer == "icnn.filters1" and len(saved.filters) == 6
+    assert saved.filters[0]["best_part"] in ("square", "bar") and saved.filters[0]["class"] in (0, 1)
+    assert saved.metrics == {k.removeprefix("interp/icnn/"): v for k, v in metrics.items() if "seconds" not in k}
     assert (out / "filter_peaks.png").stat().st_size > 1000
 
 

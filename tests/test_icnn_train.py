@@ -2,7 +2,6 @@
 to metrics.json and writes its files; the baseline switch runs the same way."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -24,7 +23,10 @@ def test_icnn_trains_and_logs_its_metrics_on_shapes(run_train, tmp_path, interpr
     assert 0 <= metrics["interp/icnn/part_interpretability"] <= 1
     assert 0 < metrics["interp/icnn/location_instability"] < 1
     assert ("train/mi" in metrics) == interpretable                       # the filter loss only when interpretable
-    saved = json.loads((run / "interp" / "icnn" / "epoch_000" / "icnn_metrics.json").read_text())
-    assert len(saved["filters"]) == 16
-    assert saved["filters"][0]["best_part"].split("-")[0] in ("circle", "square", "triangle", "cross")
+    from algorithms.icnn_metrics import ICNNMetricsResult
+    saved = ICNNMetricsResult.load(run / "interp" / "icnn" / "epoch_000" / "icnn_metrics.json")
+    assert len(saved.filters) == 16
+    assert saved.filters[0]["best_part"].split("-")[0] in ("circle", "square", "triangle", "cross")
+    # assigned classes only where the filters have templates
+    assert all((f["class"] is not None) == interpretable for f in saved.filters)
     assert (run / "interp" / "icnn" / "epoch_000" / "filter_peaks.png").is_file()

@@ -2,7 +2,6 @@
 prototype callback writes its gallery and measures quality against the toy data's ground-truth masks."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import pytorch_lightning as pl
@@ -191,6 +190,7 @@ def test_resume_mid_schedule_continues_the_same_phase(tmp_path):
 
 @pytest.mark.slow
 def test_gallery_and_quality_on_ground_truth(tmp_path):
+    from algorithms.prototypes import PrototypeQuality, PrototypeRecords
     from callbacks.prototypes import PrototypeCallback
     model = toy_model(schedule=dict(warm_epochs=2, push_start=10, push_every=10, last_layer_epochs=2))
     cb = PrototypeCallback(num_explained=2, purity_k=5, probe_limit=None)
@@ -205,9 +205,9 @@ def test_gallery_and_quality_on_ground_truth(tmp_path):
     assert acc >= 0.8  # chance: 0.33
     out = tmp_path / "interp" / "prototypes" / "epoch_008"
     assert (out / "gallery_p00.png").is_file() and len(list(out.glob("this_looks_like_that_*.png"))) == 2
-    records = json.loads((out / "prototypes.json").read_text())["prototypes"]
+    records = PrototypeRecords.load(out / "prototypes.json").prototypes
     assert len(records) == model.num_prototypes and all(r["pushed"] for r in records)
-    quality = json.loads((out / "quality.json").read_text())
+    quality = PrototypeQuality.load(out / "quality.json").metrics()
     # recompute the hit rate from the masks independently: the high-activation box of the source image holds at
     # least half of the square of the prototype's colour, or is at least half that square
     _, _, seg = dm.splits["train"]
@@ -228,7 +228,7 @@ def test_gallery_and_quality_on_ground_truth(tmp_path):
 
 
 def test_quality_metrics_hand_computed():
-    from callbacks.prototypes import class_object_hits, last_layer_sparsity, purity
+    from algorithms.prototypes import class_object_hits, last_layer_sparsity, purity
     from models.protopnet_push import NearestPatches, PushResult
     # 3 images, one label map each, 2x2 feature cells; concepts 1..3
     centre = torch.tensor([[[[1, 1], [0, 2]]], [[[2, 2], [3, 0]]], [[[1, 3], [3, 3]]]], dtype=torch.int16)
