@@ -3,6 +3,7 @@ bad input. Synthetic in-memory probe sets; the quality test on shapes lives in t
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from algorithms.dissection import (DissectionError, DissectionResult, concept_masks, dissect, exact_quantile,
+                                   iou_statistics, open_broden, quantile_from_top, threshold_rank)
 from callbacks.base import InterpretationError
-from callbacks.dissection import (DissectionCallback, DissectionError, concept_masks, dissect, exact_quantile,
-                                  iou_statistics, open_broden, quantile_from_top, threshold_rank)
+from callbacks.dissection import DissectionCallback
+from core.errors import ConfigError
 from tests.ddp_utils import run_ddp
 
 
@@ -47,10 +50,17 @@ class ToyProbe(Dataset):
                 "image_labels": self.image_labels[i], "index": torch.tensor(i)}
 
 
+class ToyNet(nn.Sequential):
+    """A bare nn.Module that offers the probe layers of core/protocol.py: its children by name."""
+
+    def probe_layers(self):
+        return OrderedDict(self.named_children())
+
+
 def toy_net(seed=0, units=5):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, units, 3, stride=2, padding=1),
-                         nn.Flatten(), nn.LazyLinear(2) if False else nn.Identity())
+    return ToyNet(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, units, 3, stride=2, padding=1),
+                  nn.Flatten(), nn.Identity())
 
 
 # ----- brute force --------------------------------------------------------------------------------------------------
@@ -289,7 +299,7 @@ def test_callback_removes_hooks_when_an_error_is_raised(tmp_path):
 
 
 def test_unknown_layer_lists_valid_names():
-    with pytest.raises(DissectionError, match="backbone.conv1.*backbone.conv4"):
+    with pytest.raises(ConfigError, match="layers: 'backbone.nope'.*backbone.conv1.*backbone.conv4"):
         dissect(small_cnn(), ["backbone.nope"], DataLoader(ToyProbe(n=2, size=16)))
 
 
