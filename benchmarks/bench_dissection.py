@@ -45,7 +45,7 @@ class SyntheticBroden(Dataset):
 
 
 def bench_resnet(n_images: int, batch_size: int, repeat: int = 3):
-    from callbacks.dissection import dissect
+    from algorithms.dissection import dissect
     from models.cnn import CNNClassifier
     torch.manual_seed(0)
     model = CNNClassifier(num_classes=10, channels=3, image_size=224, backbone="resnet18").eval()
