@@ -122,7 +122,7 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
                 k = (flat.shape[1] * n_local if unknown
                      else threshold_rank(total_len * a.shape[2] * a.shape[3], quantile)[3])
                 top[n] = _merge_top(top[n], flat, k)
-                scores = a.amax(dim=(2, 3)).t()                        # [U, b] NetDissect ranks images by max activation
+                scores = a.amax(dim=(2, 3)).t()        # [U, b]: NetDissect ranks images by their max activation
                 top_img[n] = _merge_top_images(*top_img[n], scores, index.expand(a.shape[1], -1), top_n)
             if cache is not None:
                 item = ({n: f.detach() for n, f in feats.items()}, batch["seg"], batch.get("image_labels"))

@@ -206,9 +206,20 @@ def _ddp_dissect(rank, world_size, n):
     return {k: (r.thresholds, r.iou, r.top_images, r.unit_area, r.concept_vectors()) for k, r in res.items()}
 
 
+def _ddp_compose(rank, world_size, n):
+    from algorithms.composability import compose
+    from core import distributed as D
+    probe = ToyProbe(n=n, size=16)
+    model = small_cnn().eval()
+    loader = DataLoader(Subset(probe, D.shard_indices(len(probe))), batch_size=3)
+    labels = dissect(model, None, loader, top_n=2)["backbone.conv4"]
+    return compose(model, loader, labels, ibd_terms=2).to_json()
+
+
 def _ddp_checks(rank, world_size, tmp):
     # n=1: rank 1 has an empty shard and must still take part in every collective
     return {"dissect": {n: _ddp_dissect(rank, world_size, n) for n in (11, 1)},
+            "compose": {n: _ddp_compose(rank, world_size, n) for n in (11, 1)},
             "failure": _ddp_failing_callback(rank, world_size, tmp)}
 
 
@@ -230,6 +241,13 @@ def test_ddp_equals_single_process(n, ddp_results):
             assert torch.allclose(q, q2, atol=1e-6)
             if n > 1:
                 assert torch.equal(top[:, : min(4, n)], top2[:, : min(4, n)])
+        # composability on the same shards (rank 1's shard is empty for n=1: the head's shape from the first item)
+        want, got = _ddp_compose(0, 1, n), out["compose"][n]
+        assert got["metrics"] == pytest.approx(want["metrics"], abs=1e-9)
+        assert [c["num_images"] for c in got["classes"]] == [c["num_images"] for c in want["classes"]]
+        for c_got, c_want in zip(got["classes"], want["classes"]):
+            assert list(c_got["concept_shares"]) == list(c_want["concept_shares"])
+            assert c_got["concept_shares"] == pytest.approx(c_want["concept_shares"], abs=1e-9)
 
 
 # ----- the callback -------------------------------------------------------------------------------------------------
@@ -477,4 +495,5 @@ def test_a_bad_layer_in_the_config_fails_train_before_any_step(run_train, tmp_pa
         run_train(["model=cnn", "logger=none", "trainer.max_epochs=1", "datamodule.n_train=60", "datamodule.n_val=30",
                    "datamodule.n_test=30", "callbacks.dissection.layers=[nope]"], out)
     record = json.loads((out / "metrics.json").read_text())
-    assert record["status"] == "failed" and record["global_step"] == 0 and "callbacks.dissection.layers" in record["error"]
+    assert record["status"] == "failed" and record["global_step"] == 0
+    assert "callbacks.dissection.layers" in record["error"]
