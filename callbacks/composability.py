@@ -38,6 +38,7 @@ class ComposabilityCallback(InterpretationCallback):
         self.layer, self.min_share, self.evidence_share, self.ibd_terms = layer, min_share, evidence_share, ibd_terms
         self.check_settings()
         self.result: CompositionResult | None = None
+        self._said_off = False
 
     def check_settings(self) -> None:
         self.min_share = check_fraction(self.min_share, self.option("min_share"), inclusive_high=True)
@@ -60,10 +61,11 @@ class ComposabilityCallback(InterpretationCallback):
         point = P.resolve(module, layer, option=self._layer_option(module))
         dissection = self.provider(trainer, "dissection")
         probe = dissection.probe_dataset(trainer)
-        if probe is None:  # the dissection callback says so once
-            if D.is_rank_zero():
+        if probe is None:  # the dissection callback warns about it
+            if D.is_rank_zero() and not self._said_off:
                 log.info("%s: off for this run (no concept probe set for the dissection labels)",
                          self.option("")[:-1])
+            self._said_off = True
             self._active = False
             return
         x = probe[0]["image"][None].to(P.model_device(module))

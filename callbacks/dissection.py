@@ -91,7 +91,7 @@ class DissectionCallback(InterpretationCallback):
         points = P.resolve(module, self.layers, option=self.option("layers"))
         probe = self.probe_dataset(trainer)
         if probe is None:
-            if D.is_rank_zero():
+            if D.is_rank_zero() and not self._warned:  # setup runs again for trainer.test: one warning per run
                 log.warning("%s: %s has no concept probe set, so dissection is off for this run (and composability, "
                             "which uses its labels); set %s=<Broden folder> or use datamodule=shapes",
                             self.option("")[:-1], type(datamodule).__name__, self.option("probe"))
@@ -103,18 +103,16 @@ class DissectionCallback(InterpretationCallback):
     def check_input(self, probe: Dataset, module, points) -> None:
         """The probe images fit the model and every layer gives spatial maps: one forward pass of one probe item."""
         image = probe[0]["image"]
-        channels = getattr(module, "channels", None)
-        if isinstance(channels, int) and image.dim() == 3 and image.shape[0] != channels:
-            raise DissectionError(f"{self.option('probe')}: probe images have {image.shape[0]} channels but the model "
-                                  f"takes {channels}; use a probe set in the model's input format")
         with P.interpretation_mode(module, grad=False):
             try:
                 layer_maps(module, points, image[None].to(P.model_device(module)))
             except DissectionError:
                 raise
             except Exception as err:  # noqa: BLE001 - said in terms of the settings
+                shape = "x".join(str(v) for v in image.shape)
                 raise DissectionError(f"{self.option('probe')}: the model cannot run on the probe images "
-                                      f"(shape {list(image.shape)}): {type(err).__name__}: {err}") from err
+                                      f"({image.shape[0]} channels, shape {shape}): {type(err).__name__}: {err}; "
+                                      f"use a probe set in the model's input format") from err
 
     # ----- the probe set (resolved once per fit) ------------------------------------------------------------------
     def probe_dataset(self, trainer) -> Dataset | None:

@@ -263,7 +263,8 @@ def test_without_a_probe_set_both_callbacks_switch_off(tmp_path, caplog):
     dcb, ccb = DissectionCallback(), ComposabilityCallback()
     trainer.callbacks = [ccb, dcb]
     with caplog.at_level("WARNING"):
-        for cb in trainer.callbacks:
-            cb.setup(trainer, model, "fit")
+        for stage in ("fit", "test"):   # train.py tests after fitting: setup runs again, without a second warning
+            for cb in trainer.callbacks:
+                cb.setup(trainer, model, stage)
     assert not dcb.active and not ccb.active
     assert caplog.text.count("no concept probe set") == 1 and "callbacks.dissection.probe" in caplog.text
