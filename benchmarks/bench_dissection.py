@@ -78,6 +78,7 @@ def bench_default_run(epochs: int):
     from omegaconf import open_dict
 
     from callbacks.base import InterpretationCallback
+    from pipeline.training import instantiate_callbacks
 
     class EpochTimer(pl.Callback):
         def __init__(self):
@@ -97,7 +98,7 @@ def bench_default_run(epochs: int):
         pl.seed_everything(0, verbose=False)
         dm = hydra.utils.instantiate(cfg.datamodule)
         model = hydra.utils.instantiate(cfg.model)
-        callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+        callbacks = instantiate_callbacks(cfg.callbacks)  # the group also holds flags (interpretation: true)
         timer = EpochTimer()
         spent: dict[str, dict[int, float]] = {}
         for cb in callbacks:
