@@ -4,11 +4,13 @@
     python compare.py <sweep A> <run B> --out comparisons/ab --metrics 'val/*' 'interp/*'
     python compare.py --wandb <entity>/<project> [--group <sweep folder name>]      # online runs (optional)
 
-Reads each run folder's metrics.json ("metrics": flat name -> value), its overrides (.hydra/overrides.yaml, else
-metrics.json "overrides") and the latest <run>/interp/composability/epoch_*/ JSON; writes into a NEW folder (default
-<first input>/comparison): comparison.csv (one row per run), comparison.png (bars per metric per run),
-compositions.csv/.md (per class, each run's "class = concept A 41% + concept B 30% + ..."). Never writes into a run's
-own files. Runs missing a metric keep their row with the value missing. Exit status 1 when nothing can be compared.
+Reads each run folder's metrics.json ("metrics": flat name -> value; "interp_errors": the interpretation callbacks
+that failed), its overrides (.hydra/overrides.yaml, else metrics.json "overrides") and the latest
+<run>/interp/composability/epoch_*/composability.json (algorithms.composition_result.CompositionResult); writes into a
+NEW folder (default <first input>/comparison): comparison.csv (one row per run), comparison.png (bars per metric per
+run), compositions.csv/.md (per class, each run's "class = concept A 41% + concept B 30% + ..."). Never writes into a
+run's own files. Runs missing a metric keep their row with the value missing. Exit status 1 when nothing can be
+compared.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class Run:
     metrics: dict[str, float | None] = field(default_factory=dict)
     compositions: dict[str, str] = field(default_factory=dict)  # class -> "concept A 41% + concept B 30%"
     composition_epoch: int | None = None
+    interp_errors: list[str] = field(default_factory=list)      # "callback@epoch: error"
 
     @property
     def readable(self) -> bool:
@@ -101,6 +104,7 @@ def read_run(path: Path, name: str) -> Run:
             run.status = str(payload.get("status", "unknown"))
             run.error = payload.get("error")
             run.metrics = {k: _as_float(v) for k, v in (payload.get("metrics") or {}).items()}
+            run.interp_errors = read_interp_errors(payload)
     run.overrides = read_overrides(path, payload)
     run.dataset, run.model = read_identity(path, payload)
     run.composition_epoch, run.compositions = read_compositions(path)
@@ -148,106 +152,41 @@ def read_identity(path: Path, payload: dict) -> tuple[str, str]:
     return dataset or target("datamodule") or "?", model or target("model") or "?"
 
 
-def latest_epoch_dir(folder: Path) -> tuple[int | None, Path | None]:
+def latest_epoch_dir(folder: Path, holding: str | None = None) -> tuple[int | None, Path | None]:
+    """The epoch_NNN folder with the highest epoch (that holds the file `holding`)."""
     best = (None, None)
     if folder.is_dir():
         for d in folder.iterdir():
             m = re.fullmatch(r"epoch_(\d+)", d.name)
+            if holding and not (d / holding).is_file():
+                continue
             if m and d.is_dir() and (best[0] is None or int(m.group(1)) > best[0]):
                 best = (int(m.group(1)), d)
     return best
 
 
+def read_interp_errors(payload: dict) -> list[str]:
+    """metrics.json "interp_errors" (callback, epoch, error, traceback) as "callback@epoch: error"."""
+    out = []
+    for e in payload.get("interp_errors") or []:
+        if isinstance(e, dict):
+            out.append(f"{e.get('callback', '?')}@{e.get('epoch', '?')}: {e.get('error', '?')}")
+    return out
+
+
 def read_compositions(path: Path) -> tuple[int | None, dict[str, str]]:
-    """Per class composition text from the latest <run>/interp/composability/epoch_*/ JSON (format-tolerant)."""
-    epoch, folder = latest_epoch_dir(path / "interp" / "composability")
+    """Per class composition text from the latest <run>/interp/composability/epoch_*/composability.json."""
+    epoch, folder = latest_epoch_dir(path / "interp" / "composability", "composability.json")
     if folder is None:
         return None, {}
-    out: dict[str, str] = {}
-    for file in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(file.read_text())
-        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-            continue
-        out.update(extract_compositions(data))
-    return epoch, out
-
-
-# callbacks/composability.py writes {"classes": [{"class", "statement": "c = A 41% + ...", "concept_shares", ...}],
-# "ibd": [...]}; the IBD decomposition is a different view of the class and is not mixed into the compositions
-IGNORED_KEYS = ("ibd", "metrics")
-_CLASS_KEYS = ("class_name", "class", "name", "label")
-_TERMS_KEYS = ("composition", "terms", "concepts", "units", "top_units", "contributions")
-_TEXT_KEYS = ("statement", "text", "composition_text", "formula")
-_SHARES_KEYS = ("concept_shares", "shares")
-_CONCEPT_KEYS = ("concept", "label", "name", "concept_name")
-_SHARE_KEYS = ("share", "fraction", "percent", "percentage", "weight", "contribution")
-
-
-def extract_compositions(data: Any) -> dict[str, str]:
-    """Find per-class compositions in a JSON document whatever its nesting: a list of class entries or a mapping
-    class -> entry, an entry holding either a ready text ("class = A 41% + ...") or a list of {concept, share}."""
-    found: dict[str, str] = {}
-
-    def entry_text(entry: Any) -> str | None:
-        if isinstance(entry, str):
-            return entry.split("=", 1)[1].strip() if "=" in entry else entry
-        if isinstance(entry, list):
-            return terms_text(entry)
-        if isinstance(entry, dict):
-            for key in _TEXT_KEYS:
-                if isinstance(entry.get(key), str):
-                    return entry_text(entry[key])
-            for key in _SHARES_KEYS:  # {concept: share}
-                if isinstance(entry.get(key), dict) and entry[key]:
-                    return terms_text([{"concept": c, "share": v} for c, v in entry[key].items()])
-            for key in _TERMS_KEYS:
-                if isinstance(entry.get(key), list):
-                    text = terms_text(entry[key])
-                    if text:
-                        return text
-        return None
-
-    def visit(node: Any, depth: int) -> None:
-        if depth > 6:
-            return
-        if isinstance(node, list):
-            for item in node:
-                if isinstance(item, dict):
-                    cls = next((item[k] for k in _CLASS_KEYS if isinstance(item.get(k), (str, int))), None)
-                    text = entry_text(item) if cls is not None else None
-                    if text:
-                        found.setdefault(str(cls), text)
-                        continue
-                visit(item, depth + 1)
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                if key in IGNORED_KEYS:
-                    continue
-                if key in ("compositions", "classes", "per_class") and isinstance(value, dict):
-                    for cls, entry in value.items():
-                        text = entry_text(entry)
-                        if text:
-                            found.setdefault(str(cls), text)
-                else:
-                    visit(value, depth + 1)
-
-    visit(data, 0)
-    return found
-
-
-def terms_text(terms: list) -> str | None:
-    parts = []
-    for term in terms:
-        if not isinstance(term, dict):
-            return None
-        concept = next((term[k] for k in _CONCEPT_KEYS if term.get(k) not in (None, "")), None)
-        share = next((term[k] for k in _SHARE_KEYS if isinstance(term.get(k), (int, float))), None)
-        if concept is None or share is None:
-            return None
-        percent = share if share > 1.0 else 100.0 * share
-        parts.append(f"{concept} {percent:.0f}%")
-    return " + ".join(parts) or None
+    from algorithms.composition_result import CompositionResult
+    from core.results import SchemaError
+    try:
+        result = CompositionResult.load(folder / "composability.json")
+    except SchemaError as err:
+        print(f"warning: {err}", file=sys.stderr)
+        return epoch, {}
+    return epoch, dict(result.compositions())
 
 
 def gather(inputs: list[Path]) -> list[Run]:
@@ -345,11 +284,12 @@ def prepare_out_dir(out: Path, run_dirs: list[Path]) -> Path:
 def write_csv(path: Path, runs: list[Run], cols: list[str], labels: list[list[str]]) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "dataset", "model", "status", "overrides", "varying", *cols, "error", "path"])
+        w.writerow(["run", "dataset", "model", "status", "overrides", "varying", *cols, "error", "interp_errors",
+                    "path"])
         for r, lab in zip(runs, labels):
             w.writerow([r.name, r.dataset, r.model, r.status, " ".join(r.overrides), " ".join(lab),
                         *["" if r.metrics.get(c) is None else repr(r.metrics[c]) for c in cols],
-                        r.error or "", str(r.path)])
+                        r.error or "", "; ".join(r.interp_errors), str(r.path)])
 
 
 def composition_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -421,6 +361,7 @@ def short(text: str, width: int = 110) -> str:
 
 def print_report(runs: list[Run], cols: list[str], labels: list[list[str]], title: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     def cell(r: Run, c: str) -> str:
@@ -435,7 +376,10 @@ def print_report(runs: list[Run], cols: list[str], labels: list[list[str]], titl
         table.add_column("")
         for r, lab in zip(runs, labels):
             table.add_column(f"{r.name}\n{' '.join(lab)}".strip(), overflow="fold")
-        table.add_row("status", *[status(r) for r in runs], end_section=True)
+        table.add_row("status", *[status(r) for r in runs], end_section=not any(r.interp_errors for r in runs))
+        if any(r.interp_errors for r in runs):
+            table.add_row("interp errors", *[f"[yellow]{len(r.interp_errors)}[/yellow]" if r.interp_errors else "0"
+                                             for r in runs], end_section=True)
         for c in cols:
             table.add_row(c.replace("interp/", ""), *[cell(r, c) for r in runs])
     else:
@@ -458,6 +402,9 @@ def print_report(runs: list[Run], cols: list[str], labels: list[list[str]], titl
     for r in runs:
         if r.error:
             console.print(f"[red]{r.name}[/red]: {r.error}")
+        for e in r.interp_errors:
+            console.print(f"[yellow]{escape(r.name)}[/yellow]: interpretation callback failed (the run went on "
+                          f"without it): {escape(e)}")
 
 
 def compare(inputs: list[Path], out: Path | None = None, metrics: list[str] | None = None,

@@ -45,7 +45,7 @@ class SyntheticBroden(Dataset):
 
 
 def bench_resnet(n_images: int, batch_size: int, repeat: int = 3):
-    from callbacks.dissection import dissect
+    from algorithms.dissection import dissect
     from models.cnn import CNNClassifier
     torch.manual_seed(0)
     model = CNNClassifier(num_classes=10, channels=3, image_size=224, backbone="resnet18").eval()
@@ -78,6 +78,7 @@ def bench_default_run(epochs: int):
     from omegaconf import open_dict
 
     from callbacks.base import InterpretationCallback
+    from pipeline.training import instantiate_callbacks
 
     class EpochTimer(pl.Callback):
         def __init__(self):
@@ -97,7 +98,7 @@ def bench_default_run(epochs: int):
         pl.seed_everything(0, verbose=False)
         dm = hydra.utils.instantiate(cfg.datamodule)
         model = hydra.utils.instantiate(cfg.model)
-        callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+        callbacks = instantiate_callbacks(cfg.callbacks)  # the group also holds flags (interpretation: true)
         timer = EpochTimer()
         spent: dict[str, dict[int, float]] = {}
         for cb in callbacks:

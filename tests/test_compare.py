@@ -9,22 +9,28 @@ from pathlib import Path
 import pytest
 
 import compare
+from algorithms.composition_result import ClassBasis, ClassComposition, CompositionResult
 
 
 def make_run(folder: Path, metrics: dict | None, overrides: list[str], dataset: str = "shapes",
-             model: str = "cnn", status: str = "completed", compositions: dict[int, object] | None = None) -> Path:
+             model: str = "cnn", status: str = "completed", compositions: dict[int, CompositionResult] | None = None,
+             interp_errors: list[dict] | None = None) -> Path:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if metrics is not None:
         payload = {"status": status, "metrics": metrics, "choices": {"datamodule": dataset, "model": model}}
         if status == "failed":
             payload["error"] = "ValueError: boom"
+        if interp_errors is not None:
+            payload["interp_errors"] = interp_errors
         (folder / "metrics.json").write_text(json.dumps(payload))
-    for epoch, doc in (compositions or {}).items():
-        d = folder / "interp" / "composability" / f"epoch_{epoch:03d}"
-        d.mkdir(parents=True)
-        (d / "composability.json").write_text(json.dumps(doc))
+    for epoch, result in (compositions or {}).items():
+        result.save(folder / "interp" / "composability" / f"epoch_{epoch:03d}" / "composability.json")
     return folder
+
+
+def composition(name: str, shares: dict[str, float], num_images: int = 10) -> ClassComposition:
+    return ClassComposition(name, num_images, shares, 0.0, [(2, next(iter(shares)), 0.2)] if shares else [])
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -38,16 +44,18 @@ def sweep(tmp_path):
     make_run(root / "0", {"test/acc": 0.91, "val/acc": 0.9, "interp/dissection/interpretable_units": 40.0,
                           "interp/composability/completeness": 0.75, "train/loss": 0.1},
              ["model=cnn", "model.dropout=0.0"],
-             compositions={0: {"classes": [{"class": "red circle", "statement": "red circle = old 100%"}]},
-                           # the layout callbacks/composability.py writes
-                           2: {"epoch": 2, "metrics": {"completeness": 0.75},
-                               "classes": [{"class": "red circle", "num_images": 10,
-                                            "statement": "red circle = color=red 41% + object=circle 30%",
-                                            "concept_shares": {"color=red": 0.41, "object=circle": 0.30},
-                                            "top_units": [{"unit": 3, "concept": "color=red", "share": 0.2}]},
-                                           {"class": "blue square", "concept_shares": {"color=blue": 0.55}}],
-                               "ibd": [{"class": "red circle", "statement": "red circle = 0.9 red + residual"},
-                                       {"class": "green ring", "statement": "green ring = 0.5 green"}]}})
+             compositions={
+                 0: CompositionResult([composition("red circle", {"old": 1.0})], {"completeness": 0.5}, epoch=0),
+                 2: CompositionResult(
+                     [composition("red circle", {"color=red": 0.41, "object=circle": 0.30}),
+                      composition("blue square", {"color=blue": 0.55})], {"completeness": 0.75},
+                     ibd=[ClassBasis("red circle", "red circle = red 90% + residual 10%", ["red"], [0.9], [0.9], 0.3,
+                                     0.1),
+                          ClassBasis("green ring", "green ring = green 50% + residual 50%", ["green"], [0.5], [0.5],
+                                     0.7, 0.5)],
+                     layer="backbone.conv4", epoch=2)},
+             interp_errors=[{"callback": "featviz", "epoch": 2, "rank": 0, "error": "KeyError: 'layer'",
+                             "traceback": "Traceback ..."}])
     make_run(root / "1", {"test/acc": 0.85, "val/acc": 0.8, "interp/dissection/interpretable_units": 31.0},
              ["model=cnn", "model.dropout=0.5"])
     make_run(root / "2", {}, ["model=cnn", "model.dropout=2.0"], status="failed")
@@ -84,10 +92,21 @@ def test_compositions_come_from_the_latest_epoch_side_by_side(sweep):
     assert "red circle = color=red 41% + object=circle 30%" in md and "sweep/1: (missing)" in md
 
 
-def test_extract_compositions_accepts_mappings_and_ready_text():
-    doc = {"epoch": 3, "per_class": {"a": [{"label": "x", "fraction": 0.5}, {"label": "y", "fraction": 0.25}],
-                                     "b": {"text": "b = z 100%"}}}
-    assert compare.extract_compositions(doc) == {"a": "x 50% + y 25%", "b": "z 100%"}
+def test_a_composability_file_that_is_not_a_composition_result_is_reported(tmp_path, capsys):
+    run = make_run(tmp_path / "r", {"test/acc": 0.5}, ["model=cnn"])
+    d = run / "interp" / "composability" / "epoch_001"
+    d.mkdir(parents=True)
+    (d / "composability.json").write_text(json.dumps({"classes": [{"class": "a", "statement": "a = x 100%"}]}))
+    out = compare.compare([run], out=tmp_path / "cmp", quiet=True)
+    assert "composability.json" in capsys.readouterr().err and not (out / "compositions.csv").exists()
+
+
+def test_interpretation_errors_are_shown_in_the_table_and_the_report(sweep, capsys):
+    out = compare.compare([sweep])
+    rows = read_csv(out / "comparison.csv")
+    assert [r["interp_errors"] for r in rows] == ["featviz@2: KeyError: 'layer'", "", ""]
+    printed = capsys.readouterr().out
+    assert "interp errors" in printed and "featviz@2: KeyError: 'layer'" in printed
 
 
 def test_rerun_writes_into_its_own_folder_and_never_reads_it_as_a_run(sweep, capsys):

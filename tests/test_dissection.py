@@ -3,6 +3,7 @@ bad input. Synthetic in-memory probe sets; the quality test on shapes lives in t
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from algorithms.dissection import (DissectionError, DissectionResult, concept_masks, dissect, exact_quantile,
+                                   iou_statistics, open_broden, quantile_from_top, threshold_rank)
 from callbacks.base import InterpretationError
-from callbacks.dissection import (DissectionCallback, DissectionError, concept_masks, dissect, exact_quantile,
-                                  iou_statistics, open_broden, quantile_from_top, threshold_rank)
+from callbacks.dissection import DissectionCallback
+from core.errors import ConfigError
 from tests.ddp_utils import run_ddp
 
 
@@ -47,10 +50,17 @@ class ToyProbe(Dataset):
                 "image_labels": self.image_labels[i], "index": torch.tensor(i)}
 
 
+class ToyNet(nn.Sequential):
+    """A bare nn.Module that offers the probe layers of core/protocol.py: its children by name."""
+
+    def probe_layers(self):
+        return OrderedDict(self.named_children())
+
+
 def toy_net(seed=0, units=5):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, units, 3, stride=2, padding=1),
-                         nn.Flatten(), nn.LazyLinear(2) if False else nn.Identity())
+    return ToyNet(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, units, 3, stride=2, padding=1),
+                  nn.Flatten(), nn.Identity())
 
 
 # ----- brute force --------------------------------------------------------------------------------------------------
@@ -196,9 +206,20 @@ def _ddp_dissect(rank, world_size, n):
     return {k: (r.thresholds, r.iou, r.top_images, r.unit_area, r.concept_vectors()) for k, r in res.items()}
 
 
+def _ddp_compose(rank, world_size, n):
+    from algorithms.composability import compose
+    from core import distributed as D
+    probe = ToyProbe(n=n, size=16)
+    model = small_cnn().eval()
+    loader = DataLoader(Subset(probe, D.shard_indices(len(probe))), batch_size=3)
+    labels = dissect(model, None, loader, top_n=2)["backbone.conv4"]
+    return compose(model, loader, labels, ibd_terms=2).to_json()
+
+
 def _ddp_checks(rank, world_size, tmp):
     # n=1: rank 1 has an empty shard and must still take part in every collective
     return {"dissect": {n: _ddp_dissect(rank, world_size, n) for n in (11, 1)},
+            "compose": {n: _ddp_compose(rank, world_size, n) for n in (11, 1)},
             "failure": _ddp_failing_callback(rank, world_size, tmp)}
 
 
@@ -220,6 +241,13 @@ def test_ddp_equals_single_process(n, ddp_results):
             assert torch.allclose(q, q2, atol=1e-6)
             if n > 1:
                 assert torch.equal(top[:, : min(4, n)], top2[:, : min(4, n)])
+        # composability on the same shards (rank 1's shard is empty for n=1: the head's shape from the first item)
+        want, got = _ddp_compose(0, 1, n), out["compose"][n]
+        assert got["metrics"] == pytest.approx(want["metrics"], abs=1e-9)
+        assert [c["num_images"] for c in got["classes"]] == [c["num_images"] for c in want["classes"]]
+        for c_got, c_want in zip(got["classes"], want["classes"]):
+            assert list(c_got["concept_shares"]) == list(c_want["concept_shares"])
+            assert c_got["concept_shares"] == pytest.approx(c_want["concept_shares"], abs=1e-9)
 
 
 # ----- the callback -------------------------------------------------------------------------------------------------
@@ -289,7 +317,7 @@ def test_callback_removes_hooks_when_an_error_is_raised(tmp_path):
 
 
 def test_unknown_layer_lists_valid_names():
-    with pytest.raises(DissectionError, match="backbone.conv1.*backbone.conv4"):
+    with pytest.raises(ConfigError, match="layers: 'backbone.nope'.*backbone.conv1.*backbone.conv4"):
         dissect(small_cnn(), ["backbone.nope"], DataLoader(ToyProbe(n=2, size=16)))
 
 
@@ -347,3 +375,125 @@ def _ddp_failing_callback(rank, world_size, tmp):
 def test_callback_error_fails_every_rank(ddp_results):
     messages = [r["failure"] for r in ddp_results]
     assert "another rank failed" in messages[0] and "corrupt item 6" in messages[1] and "on rank 1" in messages[1]
+
+
+# ----- typed result -------------------------------------------------------------------------------------------------
+
+def test_dissection_result_round_trips_through_json(tmp_path):
+    from algorithms.dissection import DissectionEpoch
+    probe = ToyProbe(n=3, size=8)
+    results = dissect(toy_net(), ["0", "2"], DataLoader(probe, batch_size=2), top_n=5)  # 3 images: padded top lists
+    res = results["2"]
+    assert res.top_images[:, 3:].eq(-1).all() and torch.isinf(res.top_scores[:, 3:]).all()
+    data = res.to_json()
+    assert data["schema"] == "dissection" and data["intersection"]["layout"] == "coo"
+    assert len(data["intersection"]["index"]) == int((res.intersection != 0).sum())
+    again = DissectionResult.from_json(data)
+    assert again == res
+    assert torch.equal(again.thresholds, res.thresholds) and torch.equal(again.iou, res.iou)
+    assert again.labels() == res.labels() and again.summary() == res.summary()
+    assert torch.equal(again.top_images, res.top_images) and torch.equal(again.top_scores, res.top_scores)
+    assert torch.equal(again.concept_vectors(), res.concept_vectors())
+    epoch = DissectionEpoch(results, 4)
+    loaded = DissectionEpoch.load(epoch.save(tmp_path / "dissection.json"))
+    assert loaded.epoch == 4 and list(loaded.layers) == ["0", "2"] and loaded["0"] == results["0"]
+    from core.results import SchemaError
+    with pytest.raises(SchemaError, match="not 'dissection'"):
+        DissectionResult.load(tmp_path / "dissection.json")
+
+
+# ----- settings checked before training -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [("quantile", 0.0), ("quantile", 1.0), ("iou_threshold", 1.5),
+                                       ("probe_size", 0), ("top_images", 0), ("render_every_n_runs", 0),
+                                       ("cache_mb", -1)])
+def test_bad_settings_are_rejected_when_built(key, value):
+    with pytest.raises(ConfigError, match=f"callbacks.dissection.{key}"):
+        DissectionCallback(**{key: value})
+
+
+def test_settings_that_do_not_fit_the_model_or_data_fail_in_setup(tmp_path):
+    model = small_cnn()
+
+    def setup(cb, dm):
+        trainer = fake_trainer(tmp_path, dm)
+        trainer.callbacks = [cb]
+        cb.setup(trainer, model, "fit")
+        return cb
+    with pytest.raises(ConfigError, match=r"callbacks.dissection.layers: 'nope'.*valid: backbone.conv1"):
+        setup(DissectionCallback(layers=["nope"]), ToyDataModule(ToyProbe(n=2, size=16)))
+    (tmp_path / "index.csv").write_text("image,split\n")
+    with pytest.raises(DissectionError, match="callbacks.dissection.probe=.* is not a Broden folder"):
+        setup(DissectionCallback(probe=str(tmp_path)), ToyDataModule(None))
+    with pytest.raises(DissectionError, match=r"cannot run on the probe images \(1 channels.*3 channels"):
+        setup(DissectionCallback(), ToyDataModule(ToyProbe(n=2, size=16, channels=1)))
+    assert setup(DissectionCallback(), ToyDataModule(ToyProbe(n=2, size=16))).active
+
+
+class TinyData:
+    """A LightningDataModule with random training images and, optionally, a concept probe set."""
+
+    def __new__(cls, probe=None):
+        import pytorch_lightning as pl
+        from torch.utils.data import TensorDataset
+
+        class _Data(pl.LightningDataModule):
+            def __init__(self):
+                super().__init__()
+                g = torch.Generator().manual_seed(0)
+                self.data = TensorDataset(torch.rand(8, 3, 16, 16, generator=g), torch.arange(8) % 3)
+                self.class_names = ["a", "b", "c"]
+
+            def train_dataloader(self):
+                return DataLoader(self.data, batch_size=4)
+
+            def probe_dataset(self, split="val"):
+                return probe
+        return _Data()
+
+
+def fit(tmp_path, callbacks, dm, batches: list):
+    """trainer.fit of small_cnn for one epoch; `batches` collects the index of every training batch that starts."""
+    import pytorch_lightning as pl
+
+    class Batches(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batches.append(batch_idx)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[*callbacks, Batches()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         accelerator="cpu", devices=1)
+    trainer.fit(small_cnn(), datamodule=dm)
+    return trainer
+
+
+def test_an_unknown_layer_fails_in_fit_before_the_first_training_batch(tmp_path):
+    from callbacks.composability import ComposabilityCallback
+    batches = []
+    with pytest.raises(ConfigError, match=r"callbacks.dissection.layers: 'nope'.*backbone.conv4"):
+        fit(tmp_path, [ComposabilityCallback(), DissectionCallback(layers=["nope"])], TinyData(ToyProbe(n=4, size=16)),
+            batches)
+    assert batches == []
+    # the same set-up with a valid layer trains and dissects
+    trainer = fit(tmp_path, [DissectionCallback(probe_size=4, gallery_units=0)], TinyData(ToyProbe(n=4, size=16)),
+                  batches)
+    assert batches == [0, 1] and "interp/dissection/interpretable_units" in trainer.callbacks[0].last_metrics
+
+
+def test_data_without_a_probe_set_trains_with_dissection_switched_off(tmp_path):
+    from callbacks.composability import ComposabilityCallback
+    batches = []
+    trainer = fit(tmp_path, [DissectionCallback(), ComposabilityCallback()], TinyData(None), batches)
+    assert batches == [0, 1] and trainer.current_epoch == 1
+    assert all(not cb.active and not cb.last_metrics and not cb.errors for cb in trainer.callbacks[:2])
+
+
+@pytest.mark.slow
+def test_a_bad_layer_in_the_config_fails_train_before_any_step(run_train, tmp_path):
+    import json
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"callbacks.dissection.layers: 'nope'"):
+        run_train(["model=cnn", "logger=none", "trainer.max_epochs=1", "datamodule.n_train=60", "datamodule.n_val=30",
+                   "datamodule.n_test=30", "callbacks.dissection.layers=[nope]"], out)
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["global_step"] == 0
+    assert "callbacks.dissection.layers" in record["error"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from callbacks.composability import compose
-from callbacks.dissection import dissect
+from algorithms.composability import compose
+from algorithms.dissection import dissect
 
 PROBE_IMAGES = 500
 
@@ -50,7 +50,7 @@ def test_trained_cnn_units_detect_the_defining_concepts(trained_cnn):
     m = comp.metrics
     print("composability:", {k: round(v, 3) for k, v in m.items()})
     for c in comp.classes[:4]:
-        print("  ", c.statement(), "| IBD:", next(d["statement"] for d in comp.ibd if d["class"] == c.name))
+        print("  ", c.statement(), "| IBD:", next(b.statement for b in comp.ibd if b.name == c.name))
     assert m["agreement_recall"] >= 0.5 and m["concept_coverage"] > 0.3
 
 
@@ -58,7 +58,7 @@ def test_trained_cnn_units_detect_the_defining_concepts(trained_cnn):
 def test_default_callbacks_end_to_end_write_metrics_json(run_train, tmp_path):
     out = tmp_path / "run"
     run_train(["model=cnn", "logger=none", "trainer.max_epochs=1", "datamodule.n_train=240", "datamodule.n_val=120",
-               "datamodule.n_test=60", "callbacks.dissection.probe_size=120", "callbacks.composability.probe_size=120"],
+               "datamodule.n_test=60", "callbacks.dissection.probe_size=120"],
               out)
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     for key in ("interp/dissection/interpretable_units", "interp/dissection/unique_concepts",
@@ -67,4 +67,10 @@ def test_default_callbacks_end_to_end_write_metrics_json(run_train, tmp_path):
         assert key in metrics, key
     d = out / "interp" / "dissection" / "epoch_000"
     assert (d / "backbone.conv4.csv").is_file() and (d / "backbone.conv4_gallery.png").is_file()
-    assert (out / "interp" / "composability" / "epoch_000" / "composability.json").is_file()
+    from algorithms.composition_result import CompositionResult
+    from algorithms.dissection_result import DissectionEpoch
+    comp = CompositionResult.load(out / "interp" / "composability" / "epoch_000" / "composability.json")
+    assert comp.layer == "backbone.conv4" and comp.metrics["completeness"] == pytest.approx(
+        metrics["interp/composability/completeness"])
+    dissection = DissectionEpoch.load(d / "dissection.json")["backbone.conv4"]
+    assert dissection.summary()["interpretable_units"] == metrics["interp/dissection/interpretable_units"]
