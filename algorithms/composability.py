@@ -6,8 +6,8 @@ schedules it.
 Applies to models whose decision is a sum over units: `core.protocol.UnitHead`, i.e. `unit_contributions(x) ->
 (activations [B, D], class weights [K, D])` (cnn with a linear head, dynconn; protopnet through prototypes x last
 layer). Unit j's evidence for class c on an image is s_cj = x_j W_cj. The routed evidence is the part the decision
-uses: `routed_mask(x)` (bool [B, K, D]) when the model is a `RoutedUnitHead` (dynconn's top-K connections), else
-every unit.
+uses: `routed_mask(a)` (bool [B, K, D], from the unit activations a) when the model is a `RoutedUnitHead`
+(dynconn's top-K connections), else every unit.
 
 Measured on the probe set, for each image's predicted class c (per image, then averaged over images):
 - completeness = sum_{routed j} s_cj / sum_j |s_cj|   (1 when the routed units carry all evidence and none cancels)
@@ -41,16 +41,35 @@ from core.probe import model_device, scores_fn
 from core.protocol import RoutedUnitHead, UnitHead, describe_missing
 
 
-def routed_evidence(module: nn.Module, x: torch.Tensor):
-    """(evidence s [B, D] for the predicted class, routed mask [B, D], predicted class [B], weights [K, D])."""
+def routed_evidence(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+    """(evidence s [B, D] for the predicted class, routed mask [B, D], predicted class [B], weights [K, D]).
+
+    bias: the head's image-independent b [K] (`head_bias`); with it the class scores are the routed evidence plus b
+    and the batch costs one pass through the network (without it, class_scores runs as well)."""
     acts, weights = module.unit_contributions(x)
-    pred = scores_fn(module)(x).argmax(dim=1)
-    s = acts * weights[pred]
-    if isinstance(module, RoutedUnitHead):
-        routed = module.routed_mask(x)[torch.arange(len(pred), device=x.device), pred]
+    mask = module.routed_mask(acts) if isinstance(module, RoutedUnitHead) else None
+    if bias is None:
+        scores = scores_fn(module)(x)
+    elif mask is None:
+        scores = acts @ weights.t() + bias
     else:
-        routed = torch.ones_like(s, dtype=torch.bool)
+        scores = (acts[:, None, :] * weights[None] * mask).sum(-1) + bias
+    pred = scores.argmax(dim=1)
+    s = acts * weights[pred]
+    routed = mask[torch.arange(len(pred), device=x.device), pred] if mask is not None else torch.ones_like(
+        s, dtype=torch.bool)
     return s, routed, pred, weights
+
+
+def head_bias(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The bias b [K] of a sum-over-units head: class_scores minus the routed evidence, from the first image of x
+    (image-independent by the UnitHead contract)."""
+    x = x[:1]
+    acts, weights = module.unit_contributions(x)
+    votes = acts[:, None, :] * weights[None]
+    if isinstance(module, RoutedUnitHead):
+        votes = votes * module.routed_mask(acts)
+    return (scores_fn(module)(x) - votes.sum(-1))[0]
 
 
 def units_for_share(abs_evidence: torch.Tensor, share: float = 0.9) -> torch.Tensor:
@@ -132,10 +151,13 @@ def compose(module: nn.Module, loader, dissection: DissectionResult, class_names
     class_sum = class_count = None
     weights = None
     error = None
+    bias = None
     try:
         for batch in loader:
             x = batch["image"].to(device)
-            s, routed, pred, weights = routed_evidence(module, x)
+            if bias is None:
+                bias = head_bias(module, x)
+            s, routed, pred, weights = routed_evidence(module, x, bias)
             if s.shape[1] != dissection.num_units:
                 raise ValueError(f"the model has {s.shape[1]} units in unit_contributions but layer "
                                  f"{dissection.layer!r} has {dissection.num_units}; set {option} to the layer "

@@ -2,7 +2,7 @@
 particular, through the protocol only (core/protocol.py `UnitHead` / `RoutedUnitHead`):
 
 - evidence of unit j for class c on an image: s_cj = a_j W_cj from `unit_contributions(x)` (a [B, D], W [K, D]),
-  kept only where `routed_mask(x)` routes the connection (a `RoutedUnitHead`; a dense `UnitHead` uses every unit, so
+  kept only where `routed_mask(a)` routes the connection (a `RoutedUnitHead`; a dense `UnitHead` uses every unit, so
   the dense cnn and dynconn are measured with the same ruler); the bias is what the class score adds on top:
   b_c = class_scores(x)_c - sum_j s_cj.
 - `explain_decisions(model, images)`: per image, the routed units of the predicted class with their contributions
@@ -37,7 +37,7 @@ def unit_evidence(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     evidence = acts[:, None, :] * weight[None]
     mask = None
     if isinstance(model, RoutedUnitHead):
-        mask = model.routed_mask(images)
+        mask = model.routed_mask(acts)
         evidence = torch.where(mask, evidence, torch.zeros((), dtype=evidence.dtype, device=evidence.device))
     return evidence, mask
 

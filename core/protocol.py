@@ -18,7 +18,7 @@ See docs/extending.md for worked examples.
 |---|---|---|
 | `Interpretable` | `probe_layers()`, `class_scores(x)`; optional `default_probe_layer: str` | dissection, attribution, featviz, ICNN metrics on any layer |
 | `UnitHead` | `unit_contributions(x)`, `unit_layer: str` | composability + IBD, CAM, Dynamic-K statistics of a dense head |
-| `RoutedUnitHead` | `UnitHead` + `routed_mask(x)` | routed evidence in composability, Dynamic-K statistics |
+| `RoutedUnitHead` | `UnitHead` + `routed_mask(a)` | routed evidence in composability, Dynamic-K statistics |
 | `PrototypeModel` | prototype vectors, similarity maps, last layer, push records | prototype gallery, "this looks like that", purity |
 | `CapsuleModel` | `capsules(x)`, `decode(poses, classes)` | capsule-dimension perturbations, coupling maps |
 | `FilterTemplateModel` | `filter_class(layer)`, `template_layers` | ICNN location instability and part interpretability |
@@ -67,11 +67,13 @@ class UnitHead(Protocol):
 class RoutedUnitHead(UnitHead, Protocol):
     """A `UnitHead` whose decision uses only some connections per image (Dynamic-K: the K largest votes).
 
-    - `routed_mask(x)` -> bool [B, K, D]: True where the connection of unit j to class c is used for that image, so
-      that score_c = sum_j routed[c, j] a_j W_cj + b_c.
+    - `routed_mask(a)` -> bool [B, K, D] from the unit activations a [B, D] of `unit_contributions(x)`: True where the
+      connection of unit j to class c is used, so that score_c = sum_j routed[c, j] a_j W_cj + b_c. It takes the
+      units, not the images, because routing is the head's business: the evidence of a batch then costs one pass
+      through the network below the head.
     """
 
-    def routed_mask(self, x: torch.Tensor) -> torch.Tensor: ...
+    def routed_mask(self, units: torch.Tensor) -> torch.Tensor: ...
 
 
 @runtime_checkable

@@ -196,8 +196,9 @@ class DynConnClassifier(PooledHeadClassifier):
     def build_head(self, in_features: int, num_classes: int) -> nn.Module:
         return DynamicKLinear(in_features, num_classes, self._k_config)
 
-    def routed_mask(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.routed_mask(self.features(x))
+    def routed_mask(self, units: torch.Tensor) -> torch.Tensor:
+        """RoutedUnitHead (core/protocol.py): the top-K connections per class for pooled features [B, D]."""
+        return self.head.routed_mask(units)
 
     def unit_evidence(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample, per-class evidence actually used [B, C, D] (x_j W_cj on the routed top-K, 0 elsewhere)."""
@@ -205,5 +206,5 @@ class DynConnClassifier(PooledHeadClassifier):
 
     def unit_contributions(self, x):
         """(features [B, D], weights [C, D]) as for the dense head; x_j W_cj is the vote of unit j, but only the
-        top-K votes count -- use `unit_evidence` / `routed_mask` for the evidence actually routed."""
+        top-K votes count -- `routed_mask(features)` / `unit_evidence` give the evidence actually routed."""
         return self.features(x), self.head.weight

@@ -61,8 +61,8 @@ class RoutedHandModel(HandModel):
         super().__init__()
         self.k = k
 
-    def routed_mask(self, x):
-        votes = x[:, None, :] * self.weight[None]                                  # [B, K, D]
+    def routed_mask(self, units):
+        votes = units[:, None, :] * self.weight[None]                              # [B, K, D]
         return torch.zeros_like(votes, dtype=torch.bool).scatter_(2, votes.topk(self.k, dim=2).indices, True)
 
 

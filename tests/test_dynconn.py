@@ -127,7 +127,7 @@ def test_explanation_shares_sum_to_routed_evidence():
     explanations = explain_decisions(model, x)
     with torch.no_grad():
         scores = model(x)
-        mask = model.routed_mask(x)
+        mask = model.routed_mask(model.features(x))
         evidence = model.unit_evidence(x)
     for n, e in enumerate(explanations):
         c = e["predicted"]

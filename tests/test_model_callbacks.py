@@ -69,8 +69,8 @@ class TopTwoHead(pl.LightningModule):
     def unit_contributions(self, x):
         return self.units(x), self.weight
 
-    def routed_mask(self, x):
-        votes = self.units(x)[:, None, :] * self.weight[None]
+    def routed_mask(self, units):
+        votes = units[:, None, :] * self.weight[None]
         return torch.zeros_like(votes, dtype=torch.bool).scatter_(2, votes.topk(2, dim=-1).indices, True)
 
     def class_scores(self, x):
