@@ -117,3 +117,39 @@ def test_an_outside_model_gets_dissection_composability_attribution_and_featviz(
     # the default layer of a model that names none is its last probe layer
     dissection = json.loads((run / "interp" / "dissection" / "epoch_001" / "dissection.json").read_text())
     assert "stage3" in json.dumps(dissection)
+
+
+def doc_modules() -> dict[str, str]:
+    """The code blocks of docs/extending.md that start with a '# <package>/<module>.py' line, by module name."""
+    import re
+    from tests.conftest import ROOT
+    text = (ROOT / "docs" / "extending.md").read_text()
+    out = {}
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        first = block.splitlines()[0]
+        m = re.fullmatch(r"# (\w+)/(\w+)\.py", first.strip())
+        if m:
+            out[f"{m.group(1)}.{m.group(2)}"] = block
+    return out
+
+
+@pytest.mark.slow
+def test_the_worked_method_of_docs_extending_runs_in_a_training_run(run_train, tmp_path, monkeypatch):
+    import sys
+    import types
+    modules = doc_modules()
+    assert set(modules) == {"algorithms.mean_activation", "callbacks.mean_activation"}
+    for name in ("algorithms.mean_activation", "callbacks.mean_activation"):  # the algorithm first
+        module = types.ModuleType(name)
+        module.__file__ = f"<docs/extending.md:{name}>"
+        monkeypatch.setitem(sys.modules, name, module)
+        exec(compile(modules[name], module.__file__, "exec"), module.__dict__)
+    run = tmp_path / "run"
+    metrics = run_train(["model=cnn", *SMALL, "callbacks=minimal", "callbacks.interpretation=true", "logger=csv",
+                         "trainer.max_epochs=1",
+                         "+callbacks.mean_activation._target_=callbacks.mean_activation.MeanActivationCallback"], run)
+    from algorithms.mean_activation import MeanActivationResult
+    result = MeanActivationResult.load(run / "interp" / "mean_activation" / "epoch_000" / "mean_activation.json")
+    assert result.layer == "backbone.conv4" and len(result.means) == 128
+    assert metrics["interp/mean_activation/max_mean"] == pytest.approx(max(result.means))
+    assert min(result.means) >= 0  # after a ReLU
