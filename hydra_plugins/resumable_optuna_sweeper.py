@@ -50,17 +50,15 @@ class ResumableOptunaSweeper(_OptunaSweeper):
         url = str(impl.storage)
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        storage = optuna.storages.get_storage(url)  # one storage object for the study and the edits below
         try:
-            study = optuna.load_study(study_name=impl.study_name, storage=url, sampler=impl.sampler)
+            study = optuna.load_study(study_name=impl.study_name, storage=storage, sampler=impl.sampler)
         except KeyError:  # no such study yet: a new sweep
             log.info("Optuna study %r: new, in %s", impl.study_name, url)
             return
-        storage = optuna.storages.get_storage(url)
         study_id = storage.get_study_id_from_name(impl.study_name)
         sweep_dir = Path(config.hydra.sweep.dir)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-            if trial.state == TrialState.WAITING:
-                continue
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             storage.set_trial_user_attr(trial_id, "interrupted", True)
             storage.set_trial_state(trial_id, TrialState.FAIL)
