@@ -1,15 +1,30 @@
 # Two commands on a fresh clone: `make train` and `make test`; each installs what it needs first.
-PYTHON ?= python3
+#
+# `make install` creates the project's virtual environment .venv with BASE_PYTHON (any Python >= 3.10; a
+# distribution Python marked externally managed, PEP 668, is fine: nothing is installed into it) and installs the
+# project with its test extras there, constrained to the exact versions CI uses (requirements/ci.txt).
+# PYTHON=<interpreter> uses that interpreter's environment instead of .venv (`make test PYTHON=python3`);
+# LOCK= (empty) installs from pyproject.toml's ranges alone.
+BASE_PYTHON ?= python3
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+LOCK ?= requirements/ci.txt
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast bench clean
+# one stamp per interpreter, so switching PYTHON= installs into the new environment
+STAMP := .install-$(subst /,_,$(subst .,_,$(PYTHON))).stamp
 
-install: .install.stamp
+.PHONY: install train test test-fast bench clean distclean
 
-.install.stamp: pyproject.toml
-	$(PYTHON) -m pip install --disable-pip-version-check -q -e ".[test]"
-	@touch .install.stamp
+install: $(STAMP)
+
+$(VENV)/bin/python:
+	$(BASE_PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml $(LOCK) $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
+	$(PYTHON) -m pip install --disable-pip-version-check -q $(if $(LOCK),-c $(LOCK)) -e ".[test]"
+	@touch $@
 
 train: install
 	$(PYTHON) train.py $(ARGS)
@@ -25,4 +40,8 @@ bench: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PYTHON) $$f || exit 1; done
 
 clean:
-	rm -rf outputs multirun .pytest_cache .install.stamp
+	rm -rf outputs multirun .pytest_cache .install*.stamp
+
+# `make clean` keeps .venv; `make distclean` removes it too
+distclean: clean
+	rm -rf $(VENV)

@@ -146,3 +146,21 @@ def write_real_broden_style(root: Path):
     save_rgb_label(img / "a_part_1.png", np.array([[4, 0, 0, 0]] * 4))
     save_rgb_label(img / "a_part_2.png", np.array([[0, 5, 0, 0]] * 4))
     save_rgb_label(img / "b_object.png", np.full((4, 4), 300))
+
+
+def write_places365_easyformat(root: Path, n_classes: int = 365, per_class: int = 1, size: int = 16):
+    """places365_standard/ as places365standard_easyformat.tar unpacks it: train/<category>/<8 digits>.jpg and
+    val/<category>/<8 digits>.jpg, plus test -> val (the link conf/experiment/dynconn_resnet18_places365.yaml asks
+    for, since Places365's test labels are not public). Class k is a grey level; returns the category names."""
+    base = root / "places365_standard"
+    names = [f"category_{k:03d}" for k in range(n_classes)]
+    n = 0
+    for split in ("train", "val"):
+        for k, name in enumerate(names):
+            d = base / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for _ in range(per_class):
+                n += 1
+                Image.fromarray(np.full((size, size, 3), k % 256, np.uint8)).save(d / f"{n:08d}.jpg")
+    (base / "test").symlink_to("val", target_is_directory=True)
+    return names
