@@ -31,8 +31,29 @@ import torch
 from torch import nn
 
 
+def protocol_members(capability: type) -> list[str]:
+    """The members a capability requires (its methods and annotated attributes)."""
+    attrs = getattr(capability, "__protocol_attrs__", None)
+    if attrs is None:  # Python < 3.12
+        from typing import _get_protocol_attrs  # type: ignore[attr-defined]
+        attrs = _get_protocol_attrs(capability)
+    return sorted(m for m in attrs if not m.startswith("_"))
+
+
+class _CapabilityMeta(type(Protocol)):
+    """isinstance(model, <capability>) asks hasattr for every member. Python 3.12 changed runtime-checkable
+    protocols to look members up statically (inspect.getattr_static), which cannot see what nn.Module keeps in
+    _parameters, _buffers and _modules (a prototype vector, a last layer): with it ProtoPNet would not be a
+    PrototypeModel. hasattr sees them on every Python version."""
+
+    def __instancecheck__(cls, instance) -> bool:
+        if not getattr(cls, "_is_protocol", False):
+            return super().__instancecheck__(instance)
+        return all(hasattr(instance, m) for m in protocol_members(cls))
+
+
 @runtime_checkable
-class Interpretable(Protocol):
+class Interpretable(Protocol, metaclass=_CapabilityMeta):
     """The minimum: named probe layers and class scores.
 
     - `probe_layers()` -> ordered mapping name -> nn.Module, in forward order; each module's output is a feature map
@@ -49,7 +70,7 @@ class Interpretable(Protocol):
 
 
 @runtime_checkable
-class UnitHead(Protocol):
+class UnitHead(Protocol, metaclass=_CapabilityMeta):
     """The decision is a sum over units: score_c = sum_j a_j W_cj (+ a bias that does not depend on the image).
 
     - `unit_contributions(x)` -> (activations a [B, D], class weights W [K, D]); the evidence of unit j for class c on
@@ -64,7 +85,7 @@ class UnitHead(Protocol):
 
 
 @runtime_checkable
-class RoutedUnitHead(UnitHead, Protocol):
+class RoutedUnitHead(UnitHead, Protocol, metaclass=_CapabilityMeta):
     """A `UnitHead` whose decision uses only some connections per image (Dynamic-K: the K largest votes).
 
     - `routed_mask(a)` -> bool [B, K, D] from the unit activations a [B, D] of `unit_contributions(x)`: True where the
@@ -77,7 +98,7 @@ class RoutedUnitHead(UnitHead, Protocol):
 
 
 @runtime_checkable
-class PrototypeModel(Protocol):
+class PrototypeModel(Protocol, metaclass=_CapabilityMeta):
     """Prototypical parts (ProtoPNet): a decision is a weighted sum of prototype similarities.
 
     - `prototype_vectors` [m, D], `prototype_classes` [m] (owning class), `prototype_active` bool [m]
@@ -106,7 +127,7 @@ class PrototypeModel(Protocol):
 
 
 @runtime_checkable
-class CapsuleModel(Protocol):
+class CapsuleModel(Protocol, metaclass=_CapabilityMeta):
     """Capsules with routing (CapsNet).
 
     - `capsules(x, labels=None, reconstruct=True)` -> an object with `lengths` [B, K], `poses` [B, K, d],
@@ -124,7 +145,7 @@ class CapsuleModel(Protocol):
 
 
 @runtime_checkable
-class FilterTemplateModel(Protocol):
+class FilterTemplateModel(Protocol, metaclass=_CapabilityMeta):
     """Filters trained towards one part at one position (the interpretable CNN's templates).
 
     - `template_layers`: probe layer names of the filters' (unmasked) maps, lowest first (empty when no filter has a
@@ -147,11 +168,6 @@ def capabilities(model: Any) -> list[str]:
 
 def describe_missing(model: Any, capability: type) -> str:
     """Which members of `capability` the model lacks, for an error message."""
-    attrs = getattr(capability, "__protocol_attrs__", None)
-    if attrs is None:  # Python < 3.12
-        from typing import _get_protocol_attrs  # type: ignore[attr-defined]
-        attrs = _get_protocol_attrs(capability)
-    members = [m for m in attrs if not m.startswith("_")]
-    missing = [m for m in sorted(members) if not hasattr(model, m)]
+    missing = [m for m in protocol_members(capability) if not hasattr(model, m)]
     return (f"{type(model).__name__} does not offer {capability.__name__} (missing: {', '.join(missing) or '?'}; "
             f"see core/protocol.py and docs/extending.md)")

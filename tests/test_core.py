@@ -160,6 +160,20 @@ def test_built_in_models_offer_exactly_their_capabilities():
     assert RoutedUnitHead and PrototypeModel and CapsuleModel and FilterTemplateModel
 
 
+class Dynamic:
+    """Members that exist only through __getattr__, as nn.Module keeps parameters, buffers and submodules."""
+
+    def __getattr__(self, name):
+        if name in ("unit_layer", "unit_contributions"):
+            return "x"
+        raise AttributeError(name)
+
+
+def test_capabilities_see_members_that_only_getattr_provides():
+    # Python 3.12's runtime-checkable protocols look members up statically and would miss these
+    assert isinstance(Dynamic(), UnitHead) and not isinstance(Dynamic(), RoutedUnitHead)
+
+
 @dataclass
 class Toy(Result):
     schema = "test-toy"
