@@ -44,12 +44,18 @@ class _CapabilityMeta(type(Protocol)):
     """isinstance(model, <capability>) asks hasattr for every member. Python 3.12 changed runtime-checkable
     protocols to look members up statically (inspect.getattr_static), which cannot see what nn.Module keeps in
     _parameters, _buffers and _modules (a prototype vector, a last layer): with it ProtoPNet would not be a
-    PrototypeModel. hasattr sees them on every Python version."""
+    PrototypeModel. hasattr sees them on every Python version. As in typing, a method set to None counts as absent."""
 
     def __instancecheck__(cls, instance) -> bool:
         if not getattr(cls, "_is_protocol", False):
             return super().__instancecheck__(instance)
-        return all(hasattr(instance, m) for m in protocol_members(cls))
+        for m in protocol_members(cls):
+            if not hasattr(instance, m):
+                return False
+            # as in typing: a method member set to None on the instance marks "not implemented"
+            if callable(getattr(cls, m, None)) and getattr(instance, m) is None:
+                return False
+        return True
 
 
 @runtime_checkable
