@@ -22,6 +22,8 @@ See docs/extending.md for worked examples.
 | `PrototypeModel` | prototype vectors, similarity maps, last layer, push records | prototype gallery, "this looks like that", purity |
 | `CapsuleModel` | `capsules(x)`, `decode(poses, classes)` | capsule-dimension perturbations, coupling maps |
 | `FilterTemplateModel` | `filter_class(layer)`, `template_layers` | ICNN location instability and part interpretability |
+| `GenerativeModel` | `latent_dim`, `probe_layers()`, `generate(z)`, `latent_affine()`, `concept_segmenter` | GAN dissection, unit interventions, latent directions |
+| `ConceptSegmenter` | `concept_names`, `concept_probabilities(x)`, `embedding(x)`, `class_scores(x)` | the measuring instrument of the GAN methods |
 """
 from __future__ import annotations
 
@@ -164,7 +166,51 @@ class FilterTemplateModel(Protocol, metaclass=_CapabilityMeta):
     def filter_class(self, layer: int = -1) -> torch.Tensor: ...
 
 
-CAPABILITIES = (Interpretable, UnitHead, RoutedUnitHead, PrototypeModel, CapsuleModel, FilterTemplateModel)
+@runtime_checkable
+class GenerativeModel(Protocol, metaclass=_CapabilityMeta):
+    """An image generator G(z) (GAN Dissection, SeFa; docs/gan.md).
+
+    - `latent_dim: int`; `sample_latent(n, generator=None)` -> z [n, latent_dim] from the training prior
+    - `generate(z)` -> images [n, C, H, W] in [0, 1]; `probe_layers()` -> the generator's named feature maps in
+      forward order (units = channels), hooked by the GAN methods while `generate` runs
+    - `latent_affine()` -> (A [D, latent_dim], b [D]): the first step from z is y = A z + b (SeFa's closed form)
+    - `concept_segmenter`: a `ConceptSegmenter` that labels concepts on generated images, or None (then the GAN
+      methods raise a ConfigError that names the model option to set)
+    """
+
+    latent_dim: int
+    concept_segmenter: Any
+
+    def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def probe_layers(self) -> Mapping[str, nn.Module]: ...
+
+    def latent_affine(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ConceptSegmenter(Protocol, metaclass=_CapabilityMeta):
+    """Pixel concept labels on images in [0, 1] (the role of the parsing network in GAN Dissection).
+
+    - `concept_names`: ["-", name_1, ...] as in the Broden vocabulary (index 0 = unlabelled)
+    - `concept_probabilities(x)` -> [B, C+1, H, W] per-pixel, per-concept probabilities (multi-label: a pixel may
+      be "circle", "red" and "striped" at once); a concept is present where it exceeds 0.5
+    - `embedding(x)` -> [B, F] image features (the domain Fréchet distance); `class_scores(x)` -> [B, K]
+    """
+
+    concept_names: list
+
+    def concept_probabilities(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+CAPABILITIES = (Interpretable, UnitHead, RoutedUnitHead, PrototypeModel, CapsuleModel, FilterTemplateModel,
+                GenerativeModel, ConceptSegmenter)
 
 
 def capabilities(model: Any) -> list[str]:

@@ -1,0 +1,115 @@
+"""GAN Dissection (Bau et al., ICLR 2019, Sec. 3.1): per unit u of a generator layer r = h(z), the IoU of its
+upsampled, thresholded map with each concept c that the segmenter labels on the generated image,
+IoU_{u,c} = E_z |(r_u^up > t) AND s_c(x)| / E_z |(r_u^up > t) OR s_c(x)|.
+
+Thresholds: `quantile` = the top-quantile rule of network dissection (the exact per-unit quantile and the IoU
+counts are algorithms/dissection_stats.py, shared with classifier dissection); `iqr` = the paper's rule, the t of
+the unit's best concept that maximises the information quality ratio I(r>t; s_c) / H(r>t, s_c) over candidate top
+quantiles. The result is a `DissectionResult` (algorithms/dissection_result.py), so labels, tables, summaries and
+compare.py work as for a classifier; `top_images` index the probe latents (`latents(model, num_samples, seed)`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from algorithms.dissection_result import DissectionResult
+from algorithms.dissection_stats import IOU_THRESHOLD, exact_quantile, iou_statistics, quantile_from_top
+from algorithms.gan.sampling import check_generator, concept_masks, generate_with, latents, segmenter_of
+from core.errors import ConfigError
+from core.probe import interpretation_mode
+
+METHODS = ("quantile", "iqr")
+#: the netdissect code's GAN setting (top 1% per unit; classifier dissection uses 0.5%)
+GAN_QUANTILE = 0.01
+#: candidate top quantiles of the `iqr` rule
+IQR_QUANTILES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+
+
+def label_maps(masks: torch.Tensor) -> torch.Tensor:
+    """bool masks [B, C+1, H, W] -> label maps [B, C+1, H, W] (map c holds id c where c is present, else 0): the
+    multi-label format iou_statistics reads."""
+    ids = torch.arange(masks.shape[1], device=masks.device).view(1, -1, 1, 1)
+    return masks.long() * ids
+
+
+def information_quality_ratio(inter: torch.Tensor, unit_area: torch.Tensor, concept_area: torch.Tensor,
+                              total: float) -> torch.Tensor:
+    """I(A;B) / H(A,B) of the binary unit mask A and concept mask B from pixel counts: inter [.., U, C+1], unit_area
+    [.., U], concept_area [C+1] over `total` pixels (0 log 0 = 0)."""
+    n11 = inter
+    n10 = unit_area[..., None] - inter
+    n01 = concept_area - inter
+    n00 = total - n11 - n10 - n01
+    joint = torch.stack([n11, n10, n01, n00]).double().clamp_min(0) / total
+
+    def plogp(p):
+        return torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
+
+    h_joint = -plogp(joint).sum(0)
+    pa = (unit_area[..., None] / total).double().expand_as(h_joint)
+    pb = (concept_area / total).double().expand_as(h_joint)
+    h_a = -(plogp(pa) + plogp(1 - pa))
+    h_b = -(plogp(pb) + plogp(1 - pb))
+    mutual = h_a + h_b - h_joint
+    return torch.where(h_joint > 0, mutual / h_joint.clamp_min(1e-300), torch.zeros_like(h_joint))
+
+
+def _counts(acts, thresholds, labels, num_concepts, batch_size):
+    inter = unit_area = concept_area = 0
+    for s in range(0, len(acts), batch_size):
+        i, u, c = iou_statistics(acts[s:s + batch_size], thresholds, labels[s:s + batch_size], None, num_concepts)
+        inter, unit_area, concept_area = inter + i, unit_area + u, concept_area + c
+    return inter, unit_area, concept_area
+
+
+def dissect_generator(model, layer: str, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
+                      method: str = "quantile", quantile: float = GAN_QUANTILE,
+                      candidates: Sequence[float] = IQR_QUANTILES, num_top: int = 8,
+                      option: str = "layer") -> DissectionResult:
+    """Dissect `layer` of a `GenerativeModel` on `num_samples` latents drawn with `seed`; concepts come from the
+    model's `concept_segmenter`. Every rank computes the same result (the same z), so no reduction is needed."""
+    check_generator(model)
+    if method not in METHODS:
+        raise ConfigError(f"{option.rsplit('.', 1)[0]}.threshold={method!r}: use one of {', '.join(METHODS)}")
+    segmenter = segmenter_of(model)
+    with interpretation_mode(model, grad=False):
+        z = latents(model, num_samples, seed)
+        acts, labels = [], []
+        for s in range(0, len(z), batch_size):
+            images, r = generate_with(model, layer, z[s:s + batch_size], option=option)
+            acts.append(r.float())
+            labels.append(label_maps(concept_masks(segmenter, images)).to(torch.int16))
+        acts, labels = torch.cat(acts), torch.cat(labels)
+        c = labels.shape[1] - 1
+        n, u, h, w = acts.shape
+        if method == "quantile":
+            thresholds = exact_quantile(acts, quantile)
+        else:
+            flat = acts.transpose(0, 1).reshape(u, -1).sort(dim=1, descending=True).values
+            cand = torch.stack([quantile_from_top(flat, flat.shape[1], q) for q in candidates])   # [Q, U]
+            stats = [_counts(acts, t, labels, c, batch_size) for t in cand]
+            inter = torch.stack([s[0] for s in stats])
+            iqr = information_quality_ratio(inter, torch.stack([s[1] for s in stats]), stats[0][2],
+                                            float(n * labels.shape[-2] * labels.shape[-1]))
+            iqr[..., 0] = 0
+            best_q = iqr.amax(dim=2).argmax(dim=0)                                                  # [U]
+            thresholds = cand[best_q, torch.arange(u)]
+        inter, unit_area, concept_area = _counts(acts, thresholds, labels, c, batch_size)
+        peak = acts.amax(dim=(2, 3))                                                                # [N, U]
+        top = peak.topk(min(num_top, n), dim=0)
+    names = list(segmenter.concept_names)
+    cats = list(getattr(segmenter, "concept_categories", [""] * len(names)))
+    return DissectionResult(
+        layer=layer, thresholds=thresholds.cpu(), intersection=inter.cpu(), unit_area=unit_area.cpu(),
+        concept_area=concept_area.cpu(), concept_names=names, concept_categories=cats,
+        category_names=sorted({x for x in cats if x}), num_images=n, map_size=(h, w),
+        seg_size=tuple(labels.shape[-2:]), top_images=top.indices.T.cpu(), top_scores=top.values.T.cpu(),
+        iou_threshold=IOU_THRESHOLD, quantile=quantile,
+        extra={"source": "gan", "threshold": method, "seed": int(seed), "num_samples": int(num_samples)})
+
+
+def units_for(result: DissectionResult, concept: int, n: int) -> torch.Tensor:
+    """The n units with the highest IoU for `concept` (GAN Dissection's ranking of units for an intervention)."""
+    return result.iou[:, concept].topk(min(n, result.num_units)).indices
