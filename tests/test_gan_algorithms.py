@@ -12,8 +12,8 @@ from torch import nn
 
 from algorithms.gan.directions import directions_of, sefa, traverse
 from algorithms.gan.dissection import dissect_generator, information_quality_ratio, units_for
-from algorithms.gan.frechet import frechet_distance
-from algorithms.gan.hessian import hessian_penalty
+from models.gan_metrics import frechet_distance
+from models.hessian_penalty import hessian_penalty
 from algorithms.gan.interventions import intervene
 from algorithms.gan.result import InterventionResult, LatentDirectionsResult
 from algorithms.dissection_result import DissectionResult

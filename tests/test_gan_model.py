@@ -1,0 +1,98 @@
+"""model=segmenter and model=gan through train.py on a small shapes set: the two-step recipe runs, the quality
+metrics and every GAN callback's typed results land in the run folder, the Hessian penalty is trained, and bad
+settings fail early with the option named."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from algorithms.gan.result import InterventionResult, LatentDirectionsResult
+from algorithms.dissection_result import DissectionResult
+from core.errors import ConfigError
+from core.protocol import ConceptSegmenter, GenerativeModel, Interpretable
+from core.results import load_result
+from models.gan import GAN
+
+SMALL = ["datamodule.n_train=480", "datamodule.n_val=120", "datamodule.n_test=120", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def segmenter_run(tmp_path_factory):
+    from tests.conftest import train_run
+    out = tmp_path_factory.mktemp("segmenter")
+    metrics = train_run([*SMALL, "model=segmenter", "callbacks=minimal", "trainer.max_epochs=1", "test=false"], out)
+    return out, metrics
+
+
+@pytest.fixture(scope="module")
+def gan_run(segmenter_run, tmp_path_factory):
+    from tests.conftest import train_run
+    out = tmp_path_factory.mktemp("gan")
+    ckpt = segmenter_run[0] / "checkpoints" / "last.ckpt"
+    metrics = train_run([*SMALL, "model=gan", f"model.segmenter={ckpt}", "model.hessian_penalty=0.1",
+                         "model.hessian_batch=4", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+                         "datamodule.batch_size=16",
+                         "callbacks.gan_dissection.num_samples=32", "callbacks.gan_intervention.num_samples=8",
+                         "callbacks.gan_intervention.random_draws=1", "callbacks.gan_intervention.concepts=[circle]",
+                         "callbacks.gan_directions.num_samples=2", "callbacks.gan_directions.num_directions=2"], out)
+    return out, metrics
+
+
+def test_segmenter_logs_pixel_metrics(segmenter_run):
+    _, metrics = segmenter_run
+    for key in ("val/miou", "val/pixel_acc", "val/acc", "val/iou/circle"):
+        assert key in metrics
+    assert 0.0 <= metrics["val/miou"] <= 1.0
+    assert metrics["val/pixel_acc"] > 0.5
+
+
+def test_gan_run_writes_quality_and_typed_results(gan_run):
+    out, metrics = gan_run
+    run = json.loads((out / "metrics.json").read_text())
+    assert run["status"] == "completed" and not run["interp_errors"], run.get("interp_errors")
+    assert metrics["val/fd"] > 0 and 0 <= metrics["val/concept_freq_l1"] <= 1
+    assert "train/hessian_penalty" in metrics
+    for key in ("interp/gan_dissection/interpretable_units", "interp/gan_intervention/ablation_drop",
+                "interp/gan_directions/sefa/max_concept_change", "interp/gan_directions/random/concepts_changed"):
+        assert key in metrics, key
+    base = out / "interp"
+    assert isinstance(load_result(base / "gan_dissection/epoch_000/gan_dissection.json"), DissectionResult)
+    assert isinstance(load_result(base / "gan_intervention/epoch_000/gan_intervention.json"), InterventionResult)
+    assert isinstance(load_result(base / "gan_directions/epoch_000/gan_directions.json"), LatentDirectionsResult)
+    for png in ("gan_dissection/epoch_000/top_units.png", "gan_intervention/epoch_000/interventions.png",
+                "gan_directions/epoch_000/traversal_sefa.png"):
+        assert (base / png).stat().st_size > 1000
+
+
+def test_capabilities(segmenter_run):
+    gan = GAN(segmenter=str(segmenter_run[0] / "checkpoints" / "last.ckpt"))
+    assert isinstance(gan, GenerativeModel) and not isinstance(gan, Interpretable)
+    assert isinstance(gan.concept_segmenter, ConceptSegmenter)
+    assert gan.concept_segmenter.concept_names[1] == "circle"
+    # the segmenter is not part of the GAN's weights
+    assert not any(k.startswith("_segmenter") for k in gan.state_dict())
+    # SeFa's affine first step is the stem's Linear: y = A z + b
+    a, b = gan.latent_affine()
+    assert a.shape == (gan.generator.stem[0].out_features, gan.latent_dim)
+
+
+def test_bad_settings_fail_early(tmp_path, run_train):
+    with pytest.raises(ConfigError, match="no such checkpoint.*model=segmenter"):
+        GAN(segmenter=str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ConfigError, match="model.g_widths"):
+        GAN(g_widths=[64, 32])
+    with pytest.raises(ConfigError, match="hessian_penalty"):
+        GAN(hessian_penalty=-1.0)
+    with pytest.raises(Exception, match="normalize=false"):
+        run_train([*SMALL, "model=gan", "callbacks=minimal", "datamodule.normalize=true", "trainer.max_epochs=1",
+                   "+trainer.limit_train_batches=1"])
+
+
+def test_unknown_layer_fails_before_training(segmenter_run, run_train):
+    ckpt = segmenter_run[0] / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="callbacks.gan_dissection.layer.*valid: stem, block1"):
+        run_train([*SMALL, "model=gan", f"model.segmenter={ckpt}", "callbacks.gan_dissection.layer=block9",
+                   "trainer.max_epochs=1", "+trainer.limit_train_batches=1"])
