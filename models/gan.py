@@ -95,10 +95,10 @@ def load_segmenter(path: str | None, option: str = "model.segmenter") -> Concept
 
 
 class GAN(LightningModule):
-    default_probe_layer = "block2"
+    default_probe_layer = "block1"
 
     def __init__(self, channels: int = 3, image_size: int = 64, latent_dim: int = 64,
-                 g_widths: Sequence[int] = (128, 64, 64, 32), d_widths: Sequence[int] = (32, 64, 128, 128),
+                 g_widths: Sequence[int] = (128, 64, 32, 16), d_widths: Sequence[int] = (16, 32, 64, 128),
                  segmenter: str | None = None, hessian_penalty: float = 0.0, hessian_samples: int = 2,
                  hessian_eps: float = 0.1, hessian_batch: int = 16, fd_samples: int = 1000,
                  optimizer: Callable | None = None):
