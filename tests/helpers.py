@@ -15,3 +15,51 @@ class PoisonWeights(Callback):
         if trainer.current_epoch == self.epoch:
             with torch.no_grad():
                 next(pl_module.parameters()).fill_(float("nan"))
+
+
+class PauseOnce(Callback):
+    """Holds training at the end of batch `batch` of epoch `epoch`, once per `marker` file: creates the marker (so a
+    test knows where the run is) and waits until `seconds` pass or a SIGINT/SIGTERM is pending. A resumed run finds
+    the marker and does not pause again. Draws no random numbers, so it never changes what the run computes."""
+
+    def __init__(self, marker: str, epoch: int = 1, batch: int = 2, seconds: float = 300.0):
+        self.marker, self.epoch, self.batch, self.seconds = marker, epoch, batch, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+        from pathlib import Path
+
+        from pipeline.interrupts import INTERRUPTS
+        if trainer.current_epoch != self.epoch or batch_idx != self.batch or Path(self.marker).exists():
+            return
+        Path(self.marker).write_text(f"{trainer.current_epoch} {batch_idx} {trainer.global_step}")
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline and not INTERRUPTS.pending:
+            time.sleep(0.05)
+
+
+class SlowCheckpointWrite(Callback):
+    """Makes the checkpoint write of the end of epoch `epoch` stop half-way: the temporary file gets its bytes, then
+    the process waits (creating `marker`) to be killed, as a kill or power loss in the middle of a write would."""
+
+    def __init__(self, marker: str, epoch: int = 1, seconds: float = 300.0):
+        self.marker, self.epoch, self.seconds = marker, epoch, seconds
+
+    def setup(self, trainer, pl_module, stage):
+        import time
+        from pathlib import Path
+
+        original = torch.save
+        helper = self
+
+        def slow_save(obj, f, *args, **kwargs):
+            original(obj, f, *args, **kwargs)
+            # the end-of-epoch last.ckpt (its epoch counts as processed), not the best checkpoint saved before it
+            processed = ((((obj.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {})
+                         .get("current") or {}).get("processed") if isinstance(obj, dict) else None
+            if processed == helper.epoch + 1 and not Path(helper.marker).exists() and hasattr(f, "flush"):
+                f.flush()
+                Path(helper.marker).write_text(str(getattr(f, "name", "")))
+                time.sleep(helper.seconds)
+
+        torch.save = slow_save
