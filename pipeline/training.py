@@ -142,6 +142,10 @@ def slurm_plugins(cfg: DictConfig) -> list:
     return [SLURMEnvironment(auto_requeue=True, requeue_signal=getattr(signal_module, name))]
 
 
+def slurm_requeued() -> bool:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and test) the configured model; returns the metrics also written to <run>/metrics.json.
 
@@ -172,6 +176,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         identity = run_identity(cfg, datamodule, run_dir)
         ckpt_path = cfg.get("ckpt_path")
+        if not ckpt_path and slurm_requeued() and (run_dir / "checkpoints" / LAST).is_file():
+            # a SLURM job requeued after a preemption (slurm_plugins): continue in its folder from last.ckpt, written
+            # at the SIGTERM that ended the previous attempt (later than Lightning's hpc checkpoint)
+            ckpt_path = str(run_dir / "checkpoints" / LAST)
+            with open_dict(cfg):
+                cfg.ckpt_path, cfg.resume = ckpt_path, str(run_dir)
         resumed = inspect_checkpoint(ckpt_path, identity, model) if ckpt_path else None
         # one id for a run and every resume of it: W&B continues the same run, compare.py groups the folders
         run_id = ((resumed or {}).get("run_id") or (previous.get("run_id") if cfg.get("resume") else None)
