@@ -13,10 +13,14 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT))
 
+if __name__ == "__main__":
+    # before the heavy imports, so that a wrong resume= is reported at once
+    from pipeline.resume import expand_sys_argv
+    expand_sys_argv()  # resume=<run folder> -> that run's overrides + ckpt_path + hydra.run.dir
+
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline.resume import expand_sys_argv  # noqa: E402
 from pipeline.run_errors import exit_cleanly  # noqa: E402
 from pipeline.training import optimized_value, train  # noqa: E402
 from pipeline.sweep_jobs import run_job  # noqa: E402
@@ -30,5 +34,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    expand_sys_argv()  # resume=<run folder> -> that run's overrides + ckpt_path + hydra.run.dir
     main()

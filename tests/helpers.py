@@ -46,6 +46,7 @@ class SlowCheckpointWrite(Callback):
         self.marker, self.epoch, self.seconds = marker, epoch, seconds
 
     def setup(self, trainer, pl_module, stage):
+        import os
         import time
         from pathlib import Path
 
@@ -54,12 +55,13 @@ class SlowCheckpointWrite(Callback):
 
         def slow_save(obj, f, *args, **kwargs):
             original(obj, f, *args, **kwargs)
-            # the end-of-epoch last.ckpt (its epoch counts as processed), not the best checkpoint saved before it
-            processed = ((((obj.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {})
-                         .get("current") or {}).get("processed") if isinstance(obj, dict) else None
-            if processed == helper.epoch + 1 and not Path(helper.marker).exists() and hasattr(f, "flush"):
+            if not hasattr(f, "fileno") or Path(helper.marker).exists():
+                return
+            # last.ckpt's temporary file (not the best checkpoint's), at the end of epoch `epoch`
+            name = os.readlink(f"/proc/self/fd/{f.fileno()}")
+            if Path(name).name.startswith(".last.ckpt.") and obj.get("epoch") == helper.epoch:
                 f.flush()
-                Path(helper.marker).write_text(str(getattr(f, "name", "")))
+                Path(helper.marker).write_text(name)
                 time.sleep(helper.seconds)
 
         torch.save = slow_save
