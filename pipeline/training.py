@@ -97,7 +97,8 @@ def fill_data_shape(cfg: DictConfig, datamodule) -> None:
 
 def run_identity(cfg: DictConfig, datamodule, run_dir: Path) -> dict[str, Any]:
     """What every checkpoint of this run records about it (pipeline/checkpoints.py)."""
-    return {"model": OmegaConf.select(cfg, "model._target_"), "data": cfg_name(cfg, "datamodule"),
+    data = cfg_name(cfg, "datamodule")
+    return {"model": OmegaConf.select(cfg, "model._target_"), "data": None if data == "datamodule" else data,
             "datamodule": OmegaConf.select(cfg, "datamodule._target_"),
             "num_classes": getattr(datamodule, "num_classes", None), "channels": getattr(datamodule, "channels", None),
             "image_size": getattr(datamodule, "image_size", None), "run_dir": str(run_dir)}
