@@ -193,6 +193,37 @@ def test_signal_saves_last_checkpoint_records_interrupted_and_resumes(tmp_path, 
     assert steps == sorted(set(steps))  # one row per logged step, in order
 
 
+def processes_of(run_dir: Path) -> list[int]:
+    """pids whose command line names the run folder (the DDP children re-run train.py with hydra.run.dir=<run>)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(run_dir) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_sigterm_under_ddp_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM to the launching process only (as `kill <pid>` does): it reaches rank 1 through the launcher, the
+    ranks agree at the next step, save one last.ckpt and all exit; none waits in a collective."""
+    marker, run_dir = tmp_path / "paused", tmp_path / "run"
+    proc = start(run_dir, "trainer=ddp_cpu", *DIGITS, *pause_at(marker, 1, 2))
+    wait_for(marker, proc, timeout=400)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, output(run_dir)[-3000:]
+    time.sleep(1)
+    assert processes_of(run_dir) == []  # rank 1 ended too
+    p = payload(run_dir)
+    steps = 4  # 1257 training images over 2 ranks in batches of 128, the ragged last batch dropped
+    assert p["status"] == "interrupted" and p["world_size"] == 2 and p["epochs_completed"] == 1
+    assert p["global_step"] == steps + 3 == checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+
+
 # ----- kill -9 during a checkpoint write -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_kill9_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
@@ -610,3 +641,41 @@ def test_slurm_launcher_requeues_through_lightning(tmp_path, monkeypatch):
     script = _make_sbatch_string(command="python x.py", folder=str(tmp_path), additional_parameters=dict(
         cfg.hydra.launcher.additional_parameters))
     assert "#SBATCH --signal=USR1@90" in script and "USR2" not in script
+
+
+def test_wandb_failure_after_the_check_switches_to_offline_under_the_same_id(tmp_path, monkeypatch, caplog):
+    """wandb.init raising although the server check passed (quota, a server that broke meanwhile): the run is
+    re-opened offline under the same id with one line; a logging call that keeps failing turns W&B off, never the
+    run."""
+    import wandb
+
+    from pipeline.wandb_logger import FallbackWandbLogger
+    from pipeline.wandb_setup import configure_wandb
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    configure_wandb(tmp_path)  # the run folder's W&B directories
+    monkeypatch.setenv("WANDB_MODE", "online")
+    real_init, modes = wandb.init, []
+
+    def init(**kwargs):
+        modes.append(os.environ["WANDB_MODE"])
+        if os.environ["WANDB_MODE"] == "online":
+            raise wandb.errors.CommError("403 Forbidden: storage quota exceeded")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    logger = FallbackWandbLogger(project="p", save_dir=str(tmp_path), id="abcd1234")
+    try:
+        with caplog.at_level("WARNING"):
+            run_obj = logger.experiment
+            logger.log_metrics({"train/loss": 1.0}, step=0)
+        assert modes == ["online", "offline"] and run_obj.id == "abcd1234"
+        lines = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
+        assert len(lines) == 1 and "storage quota exceeded" in lines[0] and "wandb sync" in lines[0]
+        monkeypatch.setattr(type(run_obj), "log", lambda *a, **k: (_ for _ in ()).throw(BrokenPipeError("gone")))
+        with caplog.at_level("WARNING"):
+            logger.log_metrics({"train/loss": 2.0}, step=1)  # W&B's service died: logging off, the run goes on
+            logger.log_metrics({"train/loss": 3.0}, step=2)
+        assert logger.disabled_reason and "gone" in logger.disabled_reason
+        assert sum("logging is off" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        wandb.finish()
