@@ -206,8 +206,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger_cfg = cfg.get("logger") or {}
         if "wandb" in logger_cfg:
             wandb_status = configure_wandb(run_dir, check_network=is_zero)
-            with open_dict(cfg):
-                cfg.logger.wandb.id = run_id  # WandbLogger resumes it ("allow") when it exists
+            if not cfg.logger.wandb.get("id"):  # an id set by the user wins
+                with open_dict(cfg):
+                    cfg.logger.wandb.id = run_id  # WandbLogger resumes it ("allow") when it exists
             if wandb_status.mode == "offline" and is_zero:
                 log.warning(sync_hint(run_dir, wandb_status.reason))
         if "csv" in logger_cfg and resumed:

@@ -33,6 +33,9 @@ class FallbackWandbLogger(WandbLogger):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # wandb 0.31 warns about the (deprecated) setting whenever it is passed, even as None
+            self._wandb_init.pop("anonymous", None)
         self.fallback_reason: str | None = None
         self.disabled_reason: str | None = None
 
