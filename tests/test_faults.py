@@ -161,6 +161,34 @@ def test_kill9_between_protopnet_push_blocks_then_resume_ends_like_an_uninterrup
     assert not list((killed / "checkpoints").glob("*-v1*"))  # no version-suffixed copies
 
 
+@pytest.mark.slow
+def test_kill9_mid_epoch_of_a_plain_model_then_resume(tmp_path):
+    """cnn: killed in epoch 1 (step 5 of 9), resumed from the end of epoch 0; the CSV keeps epoch 0's rows from the
+    killed start and has every later step once"""
+    marker, run_dir = tmp_path / "paused", tmp_path / "run"
+    proc = start(run_dir, *DIGITS, *pause_at(marker, 1, 4))
+    wait_for(marker, proc)
+    kill9(proc)
+    state = checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert state["epoch"] == 0 and state["global_step"] == STEPS_PER_EPOCH
+    before = csv_rows(run_dir)
+    kept = [r for r in before if int(r["step"]) < STEPS_PER_EPOCH]  # the steps the checkpoint holds
+    assert kept and len(kept) < len(before)  # the killed start had logged steps of epoch 1 too
+    resumed = run([f"resume={run_dir}"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    done = payload(run_dir)
+    assert done["status"] == "completed" and done["epochs_completed"] == 3
+    assert done["global_step"] == 3 * STEPS_PER_EPOCH
+    rows = csv_rows(run_dir)
+    # the killed start's history up to its checkpoint is kept as it was (later columns such as test/acc are added
+    # empty); its rows of epoch 1, which the resume repeated, are replaced
+    assert [{k: r[k] for k in kept[0]} for r in rows[:len(kept)]] == kept
+    logged = [(r["step"], tuple(k for k, v in r.items() if v and k not in ("step", "epoch"))) for r in rows]
+    assert len(logged) == len(set(logged))  # nothing logged twice
+    assert sorted(per_epoch(rows, "val/acc")) == [0, 1, 2] and "test/acc" in rows[-1] and rows[-1]["test/acc"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if "-v1" in p.name) == []
+
+
 # ----- SIGTERM / SIGINT -------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
