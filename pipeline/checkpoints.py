@@ -3,7 +3,8 @@ run that wrote it.
 
 - LastCheckpoint writes last.ckpt at the end of every training epoch (after validation and the epoch's callbacks),
   whatever metric the best checkpoint monitors (ProtoPNet monitors val/acc_pushed, which is 0 before the first push:
-  a last.ckpt tied to it stayed at epoch 0), and at the step where a SIGINT/SIGTERM is honoured (pipeline/interrupts.py).
+  a last.ckpt tied to it stayed at epoch 0), and at the step where a SIGINT/SIGTERM is honoured
+  (pipeline/interrupts.py).
   The best checkpoint stays with Lightning's ModelCheckpoint (conf/callbacks/minimal.yaml, save_last: false).
 - Every checkpoint gets the random-number states of the moment it was written (torch, CUDA, numpy, python); a resume
   from an end-of-epoch checkpoint puts them back before the next epoch's first batch is drawn, and the data module
@@ -160,8 +161,8 @@ def short_name(target: str | None) -> str:
 def describe(identity: dict[str, Any]) -> str:
     shape = ", ".join(f"{k}={identity[k]}" for k in ("num_classes", "channels", "image_size")
                       if identity.get(k) is not None)
-    return (f"{short_name(identity.get('model'))} on data set {identity.get('data') or short_name(identity.get('datamodule'))}"
-            + (f" ({shape})" if shape else ""))
+    data = identity.get("data") or short_name(identity.get("datamodule"))
+    return f"{short_name(identity.get('model'))} on data set {data}" + (f" ({shape})" if shape else "")
 
 
 def load_for_check(path: str | Path) -> dict[str, Any]:

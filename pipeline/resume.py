@@ -93,8 +93,8 @@ def expand(argv: list[str]) -> list[str]:
             extra.append(arg)
         i += 1
     if any(override_key(o) == "ckpt_path" for o in extra):
-        raise ResumeError("resume= sets ckpt_path itself (<run>/checkpoints/last.ckpt); give either resume=<run folder> "
-                          "or ckpt_path=<file>, not both")
+        raise ResumeError("resume= sets ckpt_path itself (<run>/checkpoints/last.ckpt); give either "
+                          "resume=<run folder> or ckpt_path=<file>, not both")
     refused = [o for o in extra if not allowed(override_key(o))]
     if refused:
         raise ResumeError(f"resume={value} continues the run with the model and data it was started with; "

@@ -110,7 +110,7 @@ def pause_at(marker: Path, epoch: int, batch: int) -> list[str]:
             f"+callbacks.pause.epoch={epoch}", f"+callbacks.pause.batch={batch}"]
 
 
-# ----- kill -9 in the middle of an epoch, then resume ------------------------------------------------------------------
+# ----- kill -9 in the middle of an epoch, then resume -----------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_kill9_between_protopnet_push_blocks_then_resume_ends_like_an_uninterrupted_run(tmp_path):
@@ -189,7 +189,7 @@ def test_kill9_mid_epoch_of_a_plain_model_then_resume(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if "-v1" in p.name) == []
 
 
-# ----- SIGTERM / SIGINT -------------------------------------------------------------------------------------------------
+# ----- SIGTERM / SIGINT -----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_last_checkpoint_records_interrupted_and_resumes(tmp_path, signum):
@@ -274,7 +274,7 @@ def test_kill9_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     assert "Removed 1 temporary file" in (run_dir / "train.log").read_text()
 
 
-# ----- W&B that does not answer, or answers 401 -------------------------------------------------------------------------
+# ----- W&B that does not answer, or answers 401 -----------------------------------------------------------------------
 class SilentServer:
     """Accepts TCP connections and never answers (a hung proxy or server)."""
 
@@ -352,7 +352,7 @@ def test_wandb_server_failure_falls_back_to_offline_with_one_line(tmp_path, wand
     assert seconds < 150  # the W&B check costs seconds, not the 97 s of a hanging wandb.init
 
 
-# ----- every bad setting: key, value, valid range, before anything heavy -----------------------------------------------
+# ----- every bad setting: key, value, valid range, before anything heavy ----------------------------------------------
 BAD = [
     (["trainer.max_epochs=abc"], r"trainer\.max_epochs='abc': must be an integer >= 1"),
     (["trainer.max_epochs=0"], r"trainer\.max_epochs=0: must be an integer >= 1"),
@@ -362,7 +362,8 @@ BAD = [
     (["datamodule.batch_size=0"], r"datamodule\.batch_size=0: must be an integer >= 1"),
     (["datamodule.batch_size=-5"], r"datamodule\.batch_size=-5: must be an integer >= 1"),
     (["datamodule.num_workers=-1"], r"datamodule\.num_workers=-1: must be an integer >= 0"),
-    (["datamodule=digits", "datamodule.val_fraction=1.5"], r"datamodule\.val_fraction=1\.5: must be a finite number in \[0, 1\)"),
+    (["datamodule=digits", "datamodule.val_fraction=1.5"],
+     r"datamodule\.val_fraction=1\.5: must be a finite number in \[0, 1\)"),
     (["datamodule.probe_size=0"], r"datamodule\.probe_size=0: must be an integer >= 1 or null"),
     (["datamodule.distractor_prob=nan"], r"datamodule\.distractor_prob=nan: must be a finite number in \[0, 1\]"),
     (["datamodule.channels=2"], r"datamodule\.channels=2: choose one of 1, 3 or null"),
@@ -453,7 +454,7 @@ def test_data_folder_that_is_a_file_names_the_option(tmp_path):
         DigitsDataModule(blocker / "sub")
 
 
-# ----- resume=<run folder> ----------------------------------------------------------------------------------------------
+# ----- resume=<run folder> --------------------------------------------------------------------------------------------
 def test_resume_expands_the_recorded_overrides(tmp_path, monkeypatch):
     from pipeline import resume
     monkeypatch.delenv(resume.EXPANDED_ENV, raising=False)
@@ -575,7 +576,7 @@ def test_full_disk_says_no_space_first_and_keeps_the_previous_checkpoint(tmp_pat
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
 
 
-# ----- no network for a download ---------------------------------------------------------------------------------------
+# ----- no network for a download --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["cifar10", "mnist", "cub200"])
 def test_download_without_network_says_where_to_put_the_files(name, tmp_path, monkeypatch):
     from datamodules.errors import DataError
@@ -625,7 +626,7 @@ def test_imagefolder_reads_its_classes_from_the_folders(tmp_path):
         fill_data_shape(missing, hydra.utils.instantiate(missing.datamodule))
 
 
-# ----- compare.py on a killed run and the run that continues it --------------------------------------------------------
+# ----- compare.py on a killed run and the run that continues it -------------------------------------------------------
 def test_compare_groups_a_resumed_run_with_the_run_it_continues(tmp_path, capsys):
     import compare
     killed, other, resumed = tmp_path / "a-killed", tmp_path / "b-other", tmp_path / "c-resumed"
@@ -650,7 +651,7 @@ def test_compare_groups_a_resumed_run_with_the_run_it_continues(tmp_path, capsys
     assert rows[0]["status"].endswith("resumed in " + rows[1]["run"]) and rows[0]["dataset"] == "shapes"
 
 
-# ----- SLURM: requeue on the preemption signal --------------------------------------------------------------------------
+# ----- SLURM: requeue on the preemption signal ------------------------------------------------------------------------
 def test_slurm_launcher_requeues_through_lightning(tmp_path, monkeypatch):
     import signal as sig
 
