@@ -18,8 +18,8 @@ class PoisonWeights(Callback):
 
 
 class PauseOnce(Callback):
-    """Holds training at the end of batch `batch` of epoch `epoch`, once per `marker` file: creates the marker (so a
-    test knows where the run is) and waits until `seconds` pass or a SIGINT/SIGTERM is pending. A resumed run finds
+    """Holds training (rank 0) at the end of batch `batch` of epoch `epoch`, once per `marker` file: creates the marker
+    (so a test knows where the run is) and waits until `seconds` pass or a SIGINT/SIGTERM is pending. A resumed run finds
     the marker and does not pause again. Draws no random numbers, so it never changes what the run computes."""
 
     def __init__(self, marker: str, epoch: int = 1, batch: int = 2, seconds: float = 300.0):
@@ -30,7 +30,9 @@ class PauseOnce(Callback):
         from pathlib import Path
 
         from pipeline.interrupts import INTERRUPTS
-        if trainer.current_epoch != self.epoch or batch_idx != self.batch or Path(self.marker).exists():
+        # rank 0 only: a paused rank 1 would hold rank 0 inside a collective, where Python runs no signal handler
+        if (trainer.global_rank != 0 or trainer.current_epoch != self.epoch or batch_idx != self.batch
+                or Path(self.marker).exists()):
             return
         Path(self.marker).write_text(f"{trainer.current_epoch} {batch_idx} {trainer.global_step}")
         deadline = time.monotonic() + self.seconds
