@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline.checkpoint_io import AtomicCheckpointIO
+from pipeline.report import write_run_report
 from pipeline.run_files import scalar_metrics, write_metrics_json
 from pipeline.sweep_jobs import apply_sweep_group
 from pipeline.wandb_setup import configure_wandb, finish_wandb, sync_hint
@@ -129,7 +130,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if error is not None:
                 payload["error"] = f"{type(error).__name__}: {error}"
             write_metrics_json(run_dir / "metrics.json", payload)
+        # report.html (and the page on W&B, so before finish_wandb); never raises
+        report = write_run_report(run_dir, trainer) if is_zero else None
         finish_wandb()
+        if report is not None:
+            log.info("report: %s", report)  # the run's last line: the page to open
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:
