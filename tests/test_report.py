@@ -184,8 +184,10 @@ def test_the_page_is_logged_to_wandb(run):
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            for item in rec.history.item:
-                keys[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            for item in rec.history.item:   # media are logged as nested keys: ("report", "_type"), ...
+                path = [item.key] if item.key else list(item.nested_key)
+                keys.setdefault(path[0], {}).update({path[-1]: json.loads(item.value_json)} if len(path) > 1
+                                                    else {"value": json.loads(item.value_json)})
         elif kind == "artifact":
             artifacts.append((rec.artifact.type, [e.path for e in rec.artifact.manifest.contents]))
     assert keys["report"]["_type"] == "html-file"

@@ -21,13 +21,17 @@ REPORT = "report.html"
 
 def build_run_report(run_dir: str | Path):
     """Write `<run_dir>/report.html` atomically; returns (path, the RunReport it was built from)."""
+    from pipeline.report.images import open_rgb
     from pipeline.report.run_page import RunReport
     run_dir = Path(run_dir)
-    report = RunReport(run_dir)
-    path = run_dir / REPORT
-    tmp = path.with_name(f".{REPORT}.{os.getpid()}.tmp")
-    tmp.write_text(report.html(), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        report = RunReport(run_dir)
+        path = run_dir / REPORT
+        tmp = path.with_name(f".{REPORT}.{os.getpid()}.tmp")
+        tmp.write_text(report.html(), encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        open_rgb.cache_clear()   # figures decoded for this build only: a later build reads the files again
     return path, report
 
 

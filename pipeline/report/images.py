@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image
@@ -17,7 +18,10 @@ from PIL import Image
 from pipeline.report.page import esc
 
 
+@lru_cache(maxsize=16)
 def open_rgb(path: Path) -> Image.Image:
+    """A figure decoded once per build (the gallery sheet is both cut into prototype cards and shown whole); the
+    callers never modify it in place (crop and resize return new images)."""
     with Image.open(path) as im:
         im.load()
         return im.convert("RGB") if im.mode not in ("RGB", "L") else im.copy()

@@ -30,7 +30,7 @@ figure{margin:8px 0;display:inline-block;vertical-align:top}figcaption{font-size
 img{image-rendering:auto}img.px{image-rendering:pixelated}
 .cards{display:flex;flex-wrap:wrap;gap:8px}
 .card{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:6px;width:212px;font-size:12px}
-.card:target{outline:3px solid #fb8500}.card h4{margin:0 0 4px;font-size:13px}
+.card.proto{width:136px}.card:target{outline:3px solid #fb8500}.card h4{margin:0 0 4px;font-size:13px}
 .card .iou{float:right;font-variant-numeric:tabular-nums}.card.uninterpretable h4{color:#6e7781}
 .card img{display:block;margin:3px 0}.card ul{margin:2px 0;padding-left:16px}
 .controls{margin:6px 0 10px;font-size:13px}.controls select,.controls input{margin-right:12px}

@@ -313,10 +313,9 @@ class RunReport:
 
     @staticmethod
     def _prototype_card(p: PrototypeCard) -> str:
-        parts = [f'<div class="card" id="{p.anchor}"><h4>prototype {p.index} <span class="iou">'
-                 f'{esc(p.class_name)}</span></h4>']
+        parts = [f'<div class="card proto" id="{p.anchor}"><h4>prototype {p.index}</h4>{esc(p.class_name)}']
         if p.image is not None:
-            parts.append(img(p.image, 200, f"prototype {p.index}", photo=True, shown_width=min(200, 2 * p.image.width)))
+            parts.append(img(p.image, 130, f"prototype {p.index}", photo=True))
         parts.append(f'<div class="muted">{"pushed" if p.pushed else "not pushed"}'
                      + (f", distance {fmt(p.distance)}" if p.distance is not None else "")
                      + (f", source image {p.source_index}" if p.source_index >= 0 else "") + "</div>")

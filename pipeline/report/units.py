@@ -97,9 +97,10 @@ def probe_dataset(run: RunFolder):
 
 
 def _pil(raw) -> Image.Image:
+    """A [C, H, W] image in [0, 1] as PIL (in numpy: a few hundred tiny torch ops cost seconds on a busy machine)."""
     import numpy as np
-    a = (raw.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a.astype(np.uint8))
+    a = (np.clip(raw.numpy(), 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+    return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
 
 
 def unit_cards(run: RunFolder, dissection, composition, featviz_entry, notes: list[str]) -> dict[str, list[UnitCard]]:
@@ -112,34 +113,35 @@ def unit_cards(run: RunFolder, dissection, composition, featviz_entry, notes: li
     if composition is not None and composition.layer in epoch_result.layers and composition.layer not in chosen:
         chosen.append(composition.layer)
 
-    probe, images = None, {}
-    wanted = sorted({int(i) for layer in chosen for i in epoch_result.layers[layer].top_images[:, :TOP_IMAGES]
-                     .flatten().tolist() if i >= 0})
+    images: dict[int, Image.Image] = {}
+    tops = {layer: epoch_result.layers[layer].top_images[:, :TOP_IMAGES].tolist() for layer in chosen}
+    wanted = sorted({i for rows in tops.values() for row in rows for i in row if i >= 0})
     if wanted:
         try:
             probe = probe_dataset(run)
-            if probe is not None:
-                images = {i: _pil(probe[i]["raw"] if "raw" in probe[i] else probe[i]["image"])
-                          for i in wanted if i < len(probe)}
+            if probe is None:
+                notes.append("unit cards without top activating images: the probe set is not on this machine")
+            else:
+                items = {i: probe[i] for i in wanted if i < len(probe)}
+                images = {i: _pil(it["raw"] if "raw" in it else it["image"]) for i, it in items.items()}
         except Exception as err:  # noqa: BLE001 - the cards render without their top images
-            notes.append(f"top activating images left out: the probe set could not be read ({type(err).__name__}: "
-                         f"{err})")
+            notes.append(f"unit cards without top activating images: the probe set could not be read "
+                         f"({type(err).__name__}: {err})")
             log.warning("report: probe set unreadable (%s: %s)", type(err).__name__, err)
-        if probe is None and not notes:
-            notes.append("top activating images left out: the probe set is not on this machine")
 
     fv = _featviz_units(run, featviz_entry)
     out: dict[str, list[UnitCard]] = {}
     for layer in chosen:
         res = epoch_result.layers[layer]
         concept, score = res.best
+        concept, score = concept.tolist(), score.tolist()
         ok = res.interpretable.tolist()
         weights = composition_weights(composition, layer)
         fv_layer = fv.get(layer, {})
         cards = []
         for u in range(res.num_units):
-            c = int(concept[u])
-            top = [images[i] for i in res.top_images[u, :TOP_IMAGES].tolist() if i >= 0 and i in images]
+            c = concept[u]
+            top = [images[i] for i in tops[layer][u] if i in images]
             vis, patches = fv_layer.get(u, (None, None))
             cards.append(UnitCard(layer=layer, unit=u + 1, best_concept=res.concept_names[c] if c else "-",
                                   category=res.concept_categories[c] if c else "", iou=float(score[u]),
