@@ -35,7 +35,8 @@ class RunFolder:
     def status(self) -> str:
         status = str(self.payload.get("status", "unknown" if self.payload else "missing"))
         error = str(self.payload.get("error") or "")
-        if status == "failed" and error.startswith("KeyboardInterrupt"):
+        # Ctrl-C: Lightning's graceful shutdown turns the KeyboardInterrupt into SystemExit(1)
+        if status == "failed" and error.startswith(("KeyboardInterrupt", "SystemExit")):
             return "interrupted"
         return status
 
