@@ -261,3 +261,16 @@ def test_the_sweep_page_links_every_job(tmp_path):
     assert text.count('id="compositions"') == 1 and "red-circle" in text
     # a plot of each default metric against the learning rate
     assert "test/acc" in page.svg_titles and "dissection/interpretable_units" in page.svg_titles
+
+
+def test_capsule_icnn_and_dynamic_k_sections(tmp_path):
+    from pipeline.report import build_run_report
+    from tests.report_runs import other_models_run
+    path, _ = build_run_report(other_models_run(tmp_path / "run"))
+    text = path.read_text()
+    page = Page(text)
+    assert {"capsules", "icnn", "dynk"} <= page.ids
+    assert {i["alt"] for i in page.images} == {"perturbation_00", "coupling_heatmap", "filter peaks"}
+    assert "15 (0.150), 14 (0.140), 13 (0.130)" in text          # the capsule dimensions that change most
+    assert "circle-top" in text and "K = 5" in text
+    assert "unit 4 red 60%" in text and "unit 8  40%" in text   # Dynamic-K example: units 1-based with shares

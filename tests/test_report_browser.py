@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.report_browser import Browser, pixel_spread
-from tests.report_runs import report_run, report_sweep
+from tests.report_runs import other_models_run, report_run, report_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("report")]
 
@@ -100,6 +100,15 @@ def test_pages_work_from_a_copied_folder(browser, run, sweep, tmp_path):
     info = browser.check(sweep_copy / "report.html")
     assert_sound(info)
     assert all(str(sweep_copy) in link for link in info["links"])
+
+
+def test_capsule_icnn_and_dynamic_k_sections_load_whole(browser, tmp_path):
+    from pipeline.report import build_run_report
+    path, _ = build_run_report(other_models_run(tmp_path / "run"))
+    info = browser.check(path)
+    assert_sound(info)
+    assert info["images"] == 3
+    assert_not_blank(browser)
 
 
 def test_the_checks_catch_a_broken_page(browser, tmp_path):

@@ -50,7 +50,9 @@ def write_run_report(run_dir: str | Path, trainer=None) -> Path | None:
     if trainer is not None:
         try:
             from pipeline.report.wandb_log import log_report
-            log_report(trainer, path, report)
+            started = time.perf_counter()
+            if log_report(trainer, path, report):
+                log.info("report: logged to W&B in %.1f s", time.perf_counter() - started)
         except Exception as err:  # noqa: BLE001 - W&B is optional and never blocking
             log.warning("report: not logged to W&B (%s: %s)", type(err).__name__, err)
     return path

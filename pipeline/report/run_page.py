@@ -260,10 +260,10 @@ class RunReport:
         return "".join(parts)
 
     def _unit_link(self, layer: str | None, unit: int, concept: str, share: float) -> str:
-        text = f"{'prototype' if self.anchors.get((layer, unit), '').startswith('prototype') else 'unit'} " \
-               f"{unit if self.anchors.get((layer, unit), '').startswith('prototype') else unit + 1}"
-        label = f"{esc(text)} {esc(concept)} {100 * share:.0f}%"
+        """"unit 17 red 12%" (units 1-based as in the files; prototypes by their index), linked to its card."""
         anchor = self.anchors.get((layer, unit))
+        text = f"prototype {unit}" if anchor and anchor.startswith("prototype") else f"unit {unit + 1}"
+        label = f"{esc(text)} {esc(concept)} {100 * share:.0f}%"
         return f'<a href="#{anchor}">{label}</a>' if anchor else f"<span>{label}</span>"
 
     def compositions_section(self) -> str:
@@ -333,9 +333,15 @@ class RunReport:
         if self.capsules is not None:
             epoch, res = self.capsules
             out += f"<h3>Epoch {epoch}</h3>" + kv_table(sorted(res.metrics.items()))
-            rows = [(i, im.get("label"), im.get("pred"), im.get("sse")) for i, im in enumerate(res.images)]
+            rows = []
+            for im in res.images:
+                change = im.get("perturbation_change_per_dim") or []
+                top = sorted(range(len(change)), key=lambda d: -change[d])[:3]
+                rows.append((im.get("index"), im.get("label"), im.get("predicted"), im.get("reconstruction_sse"),
+                             ", ".join(f"{d} ({change[d]:.3f})" for d in top)))
             if rows:
-                out += table(("image", "label", "predicted", "reconstruction SSE"), rows)
+                out += table(("image", "label", "predicted", "reconstruction SSE",
+                              "dimensions that change the reconstruction most"), rows)
         if found is not None:
             epoch, folder = found
             out += "".join(figure(img(p, HALF, p.stem, photo=p.stem != "coupling_heatmap"), f"{p.name} (epoch {epoch})")
@@ -367,9 +373,20 @@ class RunReport:
             head = list(res.per_class[0])
             out += table(head, [[row.get(h) for h in head] for row in res.per_class])
         if res.examples:
-            out += "<h3>Example decisions</h3>"
-            for ex in res.examples[:6]:
-                out += f"<pre>{esc(_short_json(ex))}</pre>"
+            names = [str(row.get("class")) for row in res.per_class]
+            layer = self.composition.layer if self.composition is not None else next(iter(self.cards), None)
+            rows = []
+            for ex in res.examples:
+                pred = ex.get("predicted")
+                units = ex.get("units") or []
+                unit_names = ex.get("unit_names") or [""] * len(units)
+                terms = " ".join(self._unit_link(layer, int(u), n or "", float(sh)) for u, n, sh in
+                                 zip(units, unit_names, ex.get("shares") or []))
+                rows.append((esc(names[pred] if isinstance(pred, int) and pred < len(names) else pred),
+                             fmt(ex.get("score")), fmt(ex.get("bias")), f'<span class="units">{terms}</span>'))
+            out += ("<h3>Example decisions</h3><p class=\"muted\">Score = bias + the routed units' evidence; "
+                    "each unit with its share of the image's absolute evidence.</p>"
+                    + table(("predicted", "score", "bias", "units"), rows, raw=True))
         return out
 
     def attribution_section(self) -> str:
@@ -455,8 +472,3 @@ class RunReport:
         return (f'<p class="muted">Relative links into this run folder (the latest epoch of each callback).</p>'
                 f'<ul>{"".join(links)}</ul>{hint}') if links else hint
 
-
-def _short_json(obj, limit: int = 600) -> str:
-    import json
-    text = json.dumps(obj, default=str)
-    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -30,11 +30,13 @@ def unit_table(report):
     return wandb.Table(columns=columns, data=rows) if rows else None
 
 
-def log_report(trainer, path: Path, report) -> None:
+def log_report(trainer, path: Path, report) -> bool:
+    """Whether anything was logged (False without a W&B logger)."""
     loggers = wandb_loggers(trainer)
     if not loggers:
-        return
+        return False
     import wandb
+    logged = False
     for lg in loggers:
         run = lg.experiment
         if not hasattr(run, "log_artifact"):   # a disabled/dummy run
@@ -48,3 +50,5 @@ def log_report(trainer, path: Path, report) -> None:
         artifact = wandb.Artifact(name, type="report", description="self-contained HTML report of the run")
         artifact.add_file(str(path), name=path.name)
         run.log_artifact(artifact)
+        logged = True
+    return logged
