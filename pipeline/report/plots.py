@@ -111,8 +111,12 @@ def param_plot(title: str, param: str, points: list[tuple[object, float, str]]) 
     else:
         x_lo, x_hi = -0.5, 0.5
     y_lo, y_hi = _range([y for _, y, _ in pts])
-    ticks = [(float(i), c) for i, c in enumerate(cats)] if cats else None
-    out = _frame(title if not cats else f"{title} vs {param}", x_lo, x_hi, y_lo, y_hi, param, x_ticks=ticks)
+    if cats:
+        ticks = [(float(i), c) for i, c in enumerate(cats)]
+    else:  # the swept values themselves, when there are few of them
+        values = sorted({(float(x), str(x)) for x, _, _ in pts})
+        ticks = values if len(values) <= 5 else None
+    out = _frame(title, x_lo, x_hi, y_lo, y_hi, param, x_ticks=ticks)   # the group heading names the parameter
     if numeric and len(pts) > 1:
         line = sorted(zip(xs, (y for _, y, _ in pts)))
         path = " ".join(f"{a:.1f},{b:.1f}" for a, b in (_xy(x, y, x_lo, x_hi, y_lo, y_hi) for x, y in line))
