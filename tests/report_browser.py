@@ -77,6 +77,7 @@ class Browser:
         self.port = _free_port()
         self.profile = tempfile.mkdtemp(prefix="report-chromium-")
         self.timeout = timeout
+        self.size = (width, height)
         self.proc = subprocess.Popen([driver, f"--port={self.port}"], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         self.session = None
@@ -123,6 +124,7 @@ class Browser:
     # ----- what the tests use ------------------------------------------------------------------------------
     def open(self, path: Path | str) -> None:
         url = path if str(path).startswith(("file:", "http:")) else Path(path).resolve().as_uri()
+        self.resize(*self.size)   # a full-page screenshot grew the window; a page's height is measured in this one
         self._call("POST", self._s("/url"), {"url": url})
 
     def script(self, js: str, *args):

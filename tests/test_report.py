@@ -161,7 +161,7 @@ def test_report_py_rebuilds_the_page(run, tmp_path, capsys):
 
     import report
     copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(run, copy, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
     (copy / "report.html").unlink()
     assert report.main([str(copy)]) == 0
     out = capsys.readouterr().out
