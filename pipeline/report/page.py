@@ -33,7 +33,7 @@ img{image-rendering:auto}img.px{image-rendering:pixelated}
 .card.proto{width:136px}.card:target{outline:3px solid #fb8500}.card h4{margin:0 0 4px;font-size:13px}
 .card .iou{float:right;font-variant-numeric:tabular-nums}.card.uninterpretable h4{color:#6e7781}
 .card img{display:block;margin:3px 0}.card ul{margin:2px 0;padding-left:16px}
-.controls{margin:6px 0 10px;font-size:13px}.controls select,.controls input{margin-right:12px}
+.controls{margin:6px 0 10px;font-size:13px}.controls .count{margin-left:10px}.controls select,.controls input{margin-right:12px}
 .statement{margin:4px 0}.statement .cls{font-weight:600}.units a{margin-right:6px}
 details{margin:6px 0}summary{cursor:pointer;color:#0550ae}pre{background:#f6f8fa;padding:8px;overflow-x:auto;
 font-size:12px;max-height:480px}
