@@ -38,8 +38,9 @@ def log_report(trainer, path: Path, report) -> bool:
     import wandb
     logged = False
     for lg in loggers:
-        run = lg.experiment
-        if not hasattr(run, "log_artifact"):   # a disabled/dummy run
+        # only a W&B run that exists: `experiment` would start one for a run that failed before logging anything
+        run = getattr(lg, "_experiment", None)
+        if run is None or not hasattr(run, "log_artifact"):   # none yet, or a disabled/dummy run
             continue
         payload = {"report": wandb.Html(path.read_text(encoding="utf-8"), inject=False, data_is_not_path=True)}
         table = unit_table(report)
