@@ -86,20 +86,13 @@ def build_sweep_report(sweep: Path, rebuild_jobs: bool = False) -> Path:
                          '<p class="muted">Latest composability epoch of each job.</p>'
                          + table(head, [[c, *row] for c, row in zip(classes, comp_rows)])))
 
-    params: dict[str, list[Any]] = {}
-    for lab in labels:
-        for o in lab:
-            k, _, v = o.partition("=")
-            params.setdefault(k, [])
+    varied = [dict(o.partition("=")[::2] for o in lab) for lab in labels]   # per job: parameter -> value
     plot_html = ""
-    for key in params:
+    for key in dict.fromkeys(k for v in varied for k in v):
         points_by_metric = []
         for c in cols:
-            pts = []
-            for r, lab in zip(runs, labels):
-                value = dict(o.partition("=")[::2] for o in lab).get(key)
-                if value is not None and r.metrics.get(c) is not None:
-                    pts.append((_value(value), r.metrics[c], r.path.name))
+            pts = [(_value(v[key]), r.metrics[c], r.path.name) for r, v in zip(runs, varied)
+                   if key in v and r.metrics.get(c) is not None]
             if pts:
                 points_by_metric.append(plots.param_plot(c.replace("interp/", ""), key, pts))
         if points_by_metric:

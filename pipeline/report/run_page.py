@@ -41,7 +41,6 @@ class RunReport:
         from algorithms.icnn_metrics import ICNNMetricsResult
         from algorithms.prototypes import PrototypeQuality, PrototypeRecords
         run = self.run
-        _ = run.payload
         self.history_source, self.history = metric_history(run.path)
         self.dissection = run.latest("dissection", "dissection.json", DissectionEpoch)
         comp = run.latest("composability", "composability.json", CompositionResult)
