@@ -25,6 +25,7 @@ from pipeline.checkpoint_io import AtomicCheckpointIO
 from pipeline.checkpoints import LAST, LastCheckpoint, epochs_completed, remove_stale_temp_files
 from pipeline.interrupts import INTERRUPTS, RunInterrupted
 from pipeline.resume import resume_command
+from pipeline.report import write_run_report
 from pipeline.run_files import scalar_metrics, write_metrics_json
 from pipeline.sweep_jobs import apply_sweep_group
 from pipeline.validate import validate_config
@@ -269,7 +270,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             elif error is not None:
                 payload["error"] = f"{type(error).__name__}: {error}"
             write_record(run_dir, payload)
+        # report.html (and the page on W&B, so before finish_wandb); never raises
+        report = write_run_report(run_dir, trainer) if is_zero else None
         finish_wandb(exit_code=0 if status == "completed" else 1)
+        if report is not None:
+            log.info("report: %s", report)  # the run's last line: the page to open
 
 
 def write_record(run_dir: Path, payload: dict[str, Any]) -> None:
