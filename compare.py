@@ -38,6 +38,17 @@ DEFAULT_METRICS = (
     "interp/composability/nonzero_weights_per_class",
     "interp/composability/*precision*",
     "interp/composability/*recall*",
+    # GANs (docs/gan.md): quality by the concept segmenter, dissection, interventions, latent directions
+    "val/fd",
+    "val/concept_freq_l1",
+    "val/miou",
+    "interp/gan_dissection/interpretable_units",
+    "interp/gan_dissection/unique_concepts",
+    "interp/gan_intervention/ablation_drop",
+    "interp/gan_intervention/random_ablation_drop",
+    "interp/gan_intervention/ace",
+    "interp/gan_directions/*/concepts_changed",
+    "interp/gan_directions/*/max_concept_change",
 )
 # folders below a run that never hold runs (skipped when searching an input for runs)
 NOT_RUNS = {"wandb", "checkpoints", "interp", "csv", ".hydra", ".submitit", "comparison"}
