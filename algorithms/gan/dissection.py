@@ -28,10 +28,12 @@ IQR_QUANTILES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
 
 def label_maps(masks: torch.Tensor) -> torch.Tensor:
-    """bool masks [B, C+1, H, W] -> label maps [B, C+1, H, W] (map c holds id c where c is present, else 0): the
-    multi-label format iou_statistics reads."""
-    ids = torch.arange(masks.shape[1], device=masks.device).view(1, -1, 1, 1)
-    return masks.long() * ids
+    """bool masks [B, C+1, H, W] -> Broden label maps [B, L, H, W] (the format iou_statistics reads): at each pixel
+    the ids of the concepts present there, largest first, 0-padded; L = the most concepts any pixel carries (a
+    handful, not C+1, which keeps iou_statistics' per-pixel work and memory small)."""
+    ids = torch.arange(masks.shape[1], device=masks.device, dtype=torch.int16).view(1, -1, 1, 1)
+    depth = max(int(masks.sum(1).max()), 1)
+    return (masks.to(torch.int16) * ids).topk(depth, dim=1).values
 
 
 def information_quality_ratio(inter: torch.Tensor, unit_area: torch.Tensor, concept_area: torch.Tensor,
@@ -80,9 +82,10 @@ def dissect_generator(model, layer: str, num_samples: int = 256, batch_size: int
         for s in range(0, len(z), batch_size):
             images, r = generate_with(model, layer, z[s:s + batch_size], option=option)
             acts.append(r.float())
-            labels.append(label_maps(concept_masks(segmenter, images)).to(torch.int16))
-        acts, labels = torch.cat(acts), torch.cat(labels)
-        c = labels.shape[1] - 1
+            labels.append(concept_masks(segmenter, images))
+        acts, masks = torch.cat(acts), torch.cat(labels)
+        c = masks.shape[1] - 1
+        labels = label_maps(masks)
         n, u, h, w = acts.shape
         if method == "quantile":
             thresholds = exact_quantile(acts, quantile)
