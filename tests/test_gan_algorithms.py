@@ -133,3 +133,13 @@ def test_bad_input_errors(planted):
         dissect_generator(PlantedGenerator(segmenter=False), "units", num_samples=4)
     with pytest.raises(ConfigError, match="threshold"):
         dissect_generator(planted, "units", num_samples=4, method="otsu")
+
+
+def test_label_maps_hold_the_concepts_of_each_pixel():
+    from algorithms.gan.dissection import label_maps
+    masks = torch.zeros(1, 4, 1, 3, dtype=torch.bool)
+    masks[0, 1, 0, 0] = masks[0, 3, 0, 0] = True      # pixel 0: concepts 1 and 3
+    masks[0, 2, 0, 1] = True                          # pixel 1: concept 2; pixel 2: none
+    maps = label_maps(masks)
+    assert maps.shape == (1, 2, 1, 3)
+    assert maps[0, :, 0].T.tolist() == [[3, 1], [2, 0], [0, 0]]
