@@ -3,7 +3,7 @@ any GAN dissection has to do), as the median of interleaved ratios (load from ot
 Target <= 1.5. The cost does not depend on training, so untrained networks of the default sizes are used unless
 checkpoints are given.
 
-    python benchmarks/bench_gan_dissection.py [--samples 256] [--layer block2] [--repeats 5]
+    python benchmarks/bench_gan_dissection.py [--samples 256] [--layer block1] [--repeats 5]
         [--gan <run>/checkpoints/last.ckpt] [--segmenter <run>/checkpoints/last.ckpt]
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--layer", default="block2")
+    p.add_argument("--layer", default="block1")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--gan")
     p.add_argument("--segmenter")

@@ -2,7 +2,7 @@
 domain Fréchet distance per epoch checkpoint, the segmenter's own mIoU, GAN dissection (best unit per shape and
 colour), ablation/insertion of the top units of each shape vs random units, SeFa vs random directions.
 
-    python benchmarks/gan_measure.py --run <gan run folder> --segmenter <segmenter ckpt> [--layer block2]
+    python benchmarks/gan_measure.py --run <gan run folder> --segmenter <segmenter ckpt> [--layer block1]
         [--figures docs/figures/gan]
 """
 from __future__ import annotations
@@ -13,14 +13,21 @@ from pathlib import Path
 
 import torch
 
+import common  # noqa: F401  (puts the repository root on sys.path)
+
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--run", required=True)
     p.add_argument("--segmenter", required=True)
-    p.add_argument("--layer", default="block2")
+    p.add_argument("--layer", default="block1")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--units", type=int, default=20)
+    p.add_argument("--fd-images", type=int, default=1000)
+    p.add_argument("--every", type=int, default=1, help="FD of every n-th epoch checkpoint")
+    p.add_argument("--intervention-samples", type=int, default=64)
+    p.add_argument("--random-draws", type=int, default=5)
+    p.add_argument("--traversal-samples", type=int, default=32)
     p.add_argument("--figures")
     p.add_argument("--data-dir", default="data")
     a = p.parse_args()
@@ -37,13 +44,15 @@ def main():
     # domain FD per epoch: 1000 validation images vs 1000 samples, in the segmenter's feature space
     dm = ShapesDataModule(a.data_dir, normalize=False, augment=False)
     dm.setup("fit")
-    real = torch.stack([dm.vis_dataset("val")[i][0] for i in range(len(dm.vis_dataset("val")))])
-    fds = []
-    for ck in ckpts:
+    val = dm.vis_dataset("val")
+    real = torch.stack([val[i][0] for i in range(min(a.fd_images, len(val)))])
+    fds, fr = [], None
+    chosen = ckpts[::a.every] + ([ckpts[-1]] if (len(ckpts) - 1) % a.every else [])
+    for ck in chosen:
         gan = GAN.load_from_checkpoint(str(ck), map_location="cpu", weights_only=False, segmenter=a.segmenter).eval()
         seg = gan.concept_segmenter
         with torch.no_grad():
-            fr = torch.cat([seg.embedding(x) for x in real.split(200)])
+            fr = torch.cat([seg.embedding(x) for x in real.split(200)]) if fr is None else fr
             z = torch.randn(len(real), gan.latent_dim, generator=torch.Generator().manual_seed(1234))
             ff = torch.cat([seg.embedding(gan.generate(zb)) for zb in z.split(200)])
         fds.append((ck.stem, frechet_distance(fr, ff)))
@@ -58,7 +67,7 @@ def main():
                                     "units_labelled": int((d.unit_concepts() == c).sum())} for c in shapes + colours}
     out["dissection_summary"] = d.summary()
     print(json.dumps(out["dissection"], indent=1), flush=True)
-    res = intervene(gan, d, shapes, a.units, num_samples=64, random_draws=5)
+    res = intervene(gan, d, shapes, a.units, num_samples=a.intervention_samples, random_draws=a.random_draws)
     out["intervention"] = res.payload()["concepts"]
     for r in res.concepts:
         print(f"{r.name}: share {r.base_share:.4f} ablated {r.ablated_share:.4f} drop {r.ablation_drop:.2f} "
@@ -66,7 +75,7 @@ def main():
               f"(random {sum(r.random_inserted_new_share) / len(r.random_inserted_new_share):.3f}); ACE {r.ace:.4f} "
               f"random ACE {r.random_ace:.4f}", flush=True)
     dirs, eig = directions_of(gan, ["sefa", "random"], 5)
-    tr = traverse(gan, dirs, num_samples=32, eigenvalues=eig)
+    tr = traverse(gan, dirs, num_samples=a.traversal_samples, eigenvalues=eig)
     out["directions"] = {fam: {"max_change": tr.change(fam).amax(dim=1).tolist(),
                                "top_concept": [names[int(i)] for i in tr.change(fam).argmax(dim=1)],
                                "concepts_changed": tr.concepts_changed(fam).tolist(),

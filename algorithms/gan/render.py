@@ -72,7 +72,7 @@ def render_intervention(model, dissection: DissectionResult, result: Interventio
     rows = result.concepts
     z = latents(model, num_images, result.seed)
     area = region_mask(dissection.map_size, result.region)
-    fig, axes = plt.subplots(3 * len(rows), num_images, figsize=(1.5 * num_images, 1.6 * 3 * len(rows)),
+    fig, axes = plt.subplots(3 * len(rows), num_images, figsize=(1.7 * num_images, 1.25 * 3 * len(rows)),
                              squeeze=False)
     with interpretation_mode(model, grad=False):
         for i, row in enumerate(rows):
@@ -87,9 +87,9 @@ def render_intervention(model, dissection: DissectionResult, result: Interventio
                     ax.imshow(_img(images[n]))
                     ax.axis("off")
                 axes[3 * i + j, 0].set_title(f"{row.name}: {label}", fontsize=7, loc="left")
-            axes[3 * i, 0].set_title(f"{row.name}: generated (share {row.base_share:.3f}); {len(row.units)} units: "
-                                     f"ablation -{100 * row.ablation_drop:.0f}% (random -"
-                                     f"{100 * row.random_ablation_drop:.0f}%), ACE {row.ace:.3f}", fontsize=7,
+            axes[3 * i, 0].set_title(f"{row.name}: generated (share {row.base_share:.3f}); {len(row.units)} units ablated: "
+                                     f"{-100 * row.ablation_drop:+.0f}% (random {-100 * row.random_ablation_drop:+.0f}%)"
+                                     f", ACE {row.ace:+.3f}", fontsize=7,
                                      loc="left")
     fig.suptitle(f"interventions at {dissection.layer}", fontsize=9)
     return _save(fig, path)
