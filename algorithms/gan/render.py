@@ -115,7 +115,7 @@ def render_traversal(model, result: LatentDirectionsResult, family: str, path: P
                 if i == len(dirs) - 1:
                     ax.set_xlabel(f"alpha {result.alphas[j]:+.1f}", fontsize=7)
             c = int(change[i].argmax())
-            axes[i, 0].set_title(f"{family} {i}: {result.concept_names[c]} {float(change[i, c]):+.3f}, "
+            axes[i, 0].set_title(f"{family} {i}: {result.concept_names[c]} share moves {float(change[i, c]):.3f}; "
                                  f"{int(result.concepts_changed(family)[i])} concepts change", fontsize=7, loc="left")
     fig.suptitle(f"latent traversals: {family}", fontsize=9)
     return _save(fig, path)
