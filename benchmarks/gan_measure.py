@@ -28,6 +28,8 @@ def main():
     p.add_argument("--intervention-samples", type=int, default=64)
     p.add_argument("--random-draws", type=int, default=5)
     p.add_argument("--traversal-samples", type=int, default=32)
+    p.add_argument("--concepts", nargs="+", default=["circle", "square", "triangle", "cross"],
+                   help="concepts whose top units are ablated / inserted")
     p.add_argument("--figures")
     p.add_argument("--data-dir", default="data")
     a = p.parse_args()
@@ -59,15 +61,14 @@ def main():
         print(f"{ck.stem}: domain FD {fds[-1][1]:.3f}", flush=True)
     out["fd"] = fds
     names = seg.concept_names
-    shapes = [names.index(n) for n in ("circle", "square", "triangle", "cross")]
-    colours = [names.index(n) for n in ("red", "green", "blue")]
     d = dissect_generator(gan, a.layer, a.samples)
     iou = d.iou
     out["dissection"] = {names[c]: {"best_unit": int(iou[:, c].argmax()), "iou": float(iou[:, c].max()),
-                                    "units_labelled": int((d.unit_concepts() == c).sum())} for c in shapes + colours}
+                                    "units_labelled": int((d.unit_concepts() == c).sum())}
+                         for c in range(1, len(names))}
     out["dissection_summary"] = d.summary()
     print(json.dumps(out["dissection"], indent=1), flush=True)
-    res = intervene(gan, d, shapes, a.units, num_samples=a.intervention_samples, random_draws=a.random_draws)
+    res = intervene(gan, d, [names.index(n) for n in a.concepts], a.units, num_samples=a.intervention_samples, random_draws=a.random_draws)
     out["intervention"] = res.payload()["concepts"]
     for r in res.concepts:
         print(f"{r.name}: share {r.base_share:.4f} ablated {r.ablated_share:.4f} drop {r.ablation_drop:.2f} "
