@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from algorithms.dissection import DissectionEpoch, DissectionResult, dissect, layer_maps
 from algorithms.dissection_render import render_gallery, render_summary
+from algorithms.probe_pass import ProbePass
 from algorithms.dissection_stats import IOU_THRESHOLD, TOP_QUANTILE
 from algorithms.probe_sets import DissectionError, check_probe_dataset, open_broden, probe_view
 from callbacks.base import InterpretationCallback, check_fraction, check_int
@@ -60,6 +61,9 @@ class DissectionCallback(InterpretationCallback):
         self.results: "OrderedDict[str, DissectionResult]" = OrderedDict()   # the last run's
         self.results_epoch: int | None = None
         self.num_runs = 0
+        # what other callbacks read from the epoch's shared probe pass (share_probe_pass)
+        self._shared_layers: list[str] = []
+        self._shared_units = False
 
     # ----- settings ---------------------------------------------------------------------------------------------
     def check_settings(self) -> None:
@@ -147,7 +151,7 @@ class DissectionCallback(InterpretationCallback):
                     layers: Sequence[str] | None = None) -> "OrderedDict[str, DissectionResult]":
         """The dissection of `layers` (default: the configured ones) at `epoch`, computed once per epoch."""
         names = self.layer_names(module) if layers is None else list(layers)
-        return self.memo(epoch, ("dissect", tuple(names)), lambda: self._dissect(trainer, module, names))
+        return self.memo(epoch, ("dissect", tuple(names)), lambda: self._dissect(trainer, module, names, epoch))
 
     def result(self, trainer, module, epoch: int, layer: str) -> DissectionResult:
         """One layer's dissection at `epoch` (for callbacks that depend on dissection). A configured layer comes
@@ -155,12 +159,32 @@ class DissectionCallback(InterpretationCallback):
         configured = self.layer_names(module)
         return self.dissections(trainer, module, epoch, configured if layer in configured else [layer])[layer]
 
-    def _dissect(self, trainer, module, names: list[str]) -> "OrderedDict[str, DissectionResult]":
+    def share_probe_pass(self, layers: Sequence[str] = (), units: bool = False) -> None:
+        """Called by a dependent callback before training: the epoch's probe pass also captures `layers` (and the
+        output of `unit_contributions` when `units`), so it reads them from there instead of its own pass."""
+        self._shared_layers += [n for n in layers if n not in self._shared_layers]
+        self._shared_units = self._shared_units or bool(units)
+
+    def probe_batches(self, trainer, module, epoch: int):
+        """This rank's probe batches for `epoch`: the shared algorithms.probe_pass.ProbePass (one forward pass over
+        the probe set for dissection and its dependents, computed once per epoch), or the plain loader when the
+        captured maps would exceed cache_mb."""
         probe = self._probe(trainer, module)
         if probe is None:
             raise DissectionError(f"{self.option('probe')}: no concept probe set (the datamodule has none); set it "
                                   f"to a Broden folder or use datamodule=shapes")
-        return dissect(module, names, self.loader(self.shard(probe)), quantile=self.quantile,
+        loader = self.loader(self.shard(probe))
+
+        def build():
+            names = self.layer_names(module) + [n for n in self._shared_layers if n not in self.layer_names(module)]
+            points = P.resolve(module, names, option=self.option("layers"))
+            return ProbePass.build(module, points, loader, units=self._shared_units, max_mb=self.cache_mb,
+                                   progress=lambda it, desc: self.progress(it, desc))
+        shared = self.memo(epoch, "probe_pass", build)
+        return shared if shared is not None else loader
+
+    def _dissect(self, trainer, module, names: list[str], epoch: int) -> "OrderedDict[str, DissectionResult]":
+        return dissect(module, names, self.probe_batches(trainer, module, epoch), quantile=self.quantile,
                        iou_threshold=self.iou_threshold, top_n=self.top_images, cache_mb=self.cache_mb,
                        progress=lambda it, desc: self.progress(it, desc), option=self.option("layers"))
 
