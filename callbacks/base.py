@@ -126,8 +126,13 @@ class InterpretationCallback(Callback):
     # ----- scheduling -------------------------------------------------------------------------------------------
     def should_run(self, trainer: Trainer) -> bool:
         epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        return epoch % self.every_n_epochs == 0 or (self.run_on_last_epoch and last)
+        return epoch % self.every_n_epochs == 0 or (self.run_on_last_epoch and is_last_epoch(trainer))
+
+    @staticmethod
+    def render_due(trainer: Trainer, every_n_epochs: int) -> bool:
+        """Whether this run draws its figures: every `every_n_epochs`-th epoch and after the last one (the metrics
+        and typed results are computed and written every run; figures are the part a reader needs less often)."""
+        return (trainer.current_epoch + 1) % every_n_epochs == 0 or is_last_epoch(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self.should_run(trainer):
@@ -277,6 +282,10 @@ class InterpretationCallback(Callback):
         self.disabled = bool(state_dict.get("disabled", False))
         self.seconds = float(state_dict.get("seconds", 0.0))
         self.runs = int(state_dict.get("runs", 0))
+
+
+def is_last_epoch(trainer) -> bool:
+    return trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
 
 
 def interpretation_record(callbacks: Iterable, fit_seconds: float | None = None) -> dict[str, Any]:

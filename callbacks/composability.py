@@ -31,7 +31,7 @@ class ComposabilityCallback(InterpretationCallback):
     depends_on = ("dissection",)
 
     def __init__(self, layer: str | None = None, min_share: float = 0.1, evidence_share: float = 0.9,
-                 ibd_terms: int = 5, every_n_epochs: int = 3, run_on_last_epoch: bool = True, batch_size: int = 100,
+                 ibd_terms: int = 5, every_n_epochs: int = 1, run_on_last_epoch: bool = True, batch_size: int = 100,
                  **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, run_on_last_epoch=run_on_last_epoch, batch_size=batch_size,
                          **kwargs)

@@ -45,7 +45,7 @@ class DissectionCallback(InterpretationCallback):
     def __init__(self, layers: str | Sequence[str] | None = None, probe: str | None = None,
                  probe_split: str = "val", probe_size: int | None = 300, quantile: float = TOP_QUANTILE,
                  iou_threshold: float = IOU_THRESHOLD, top_images: int = 5, gallery_units: int = 8,
-                 render_every_n_runs: int = 2, every_n_epochs: int = 3, run_on_last_epoch: bool = True,
+                 render_every_n_epochs: int = 5, every_n_epochs: int = 1, run_on_last_epoch: bool = True,
                  batch_size: int = 100, cache_mb: float = 2048.0, **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, run_on_last_epoch=run_on_last_epoch, batch_size=batch_size,
                          **kwargs)
@@ -54,7 +54,7 @@ class DissectionCallback(InterpretationCallback):
         self.probe_size = probe_size
         self.quantile, self.iou_threshold = quantile, iou_threshold
         self.top_images, self.gallery_units = top_images, gallery_units
-        self.render_every_n_runs, self.cache_mb = render_every_n_runs, cache_mb
+        self.render_every_n_epochs, self.cache_mb = render_every_n_epochs, cache_mb
         self.check_settings()
         self._probe_cache: Dataset | None = None
         self._warned = False
@@ -73,7 +73,7 @@ class DissectionCallback(InterpretationCallback):
         self.probe_size = check_int(self.probe_size, self.option("probe_size"), 1, allow_none=True)
         self.top_images = check_int(self.top_images, self.option("top_images"), 1)
         self.gallery_units = check_int(self.gallery_units, self.option("gallery_units"), 0)
-        self.render_every_n_runs = check_int(self.render_every_n_runs, self.option("render_every_n_runs"), 1)
+        self.render_every_n_epochs = check_int(self.render_every_n_epochs, self.option("render_every_n_epochs"), 1)
         try:
             self.cache_mb = float(self.cache_mb)
         except (TypeError, ValueError):
@@ -215,7 +215,7 @@ class DissectionCallback(InterpretationCallback):
     def write_outputs(self, trainer, module, results, probe, epoch):
         out = self.epoch_dir(trainer, epoch)
         DissectionEpoch(results, epoch).save(out / "dissection.json")
-        render = (self.num_runs - 1) % self.render_every_n_runs == 0 or self._is_last(trainer)
+        render = self.render_due(trainer, self.render_every_n_epochs)
         images = []
         for layer, res in results.items():
             res.write_csv(out / f"{_safe(layer)}.csv")
@@ -231,9 +231,6 @@ class DissectionCallback(InterpretationCallback):
         if images:
             self.log_images(trainer, "summary", images)
 
-    @staticmethod
-    def _is_last(trainer) -> bool:
-        return trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
 
 
 def _safe(name: str) -> str:

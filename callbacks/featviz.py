@@ -39,7 +39,8 @@ class FeatureVisualizationCallback(InterpretationCallback):
                  transforms: bool = True, pre_relu: bool = True, k_patches: int = 6,
                  patch_size: int | None = None, max_images: int = 256,
                  split: str = "val", seed: int = 0, warm_steps: int | None = 8,
-                 restart_every_n_epochs: int | None = None, every_n_epochs: int = 1, **kwargs):
+                 restart_every_n_epochs: int | None = None, every_n_epochs: int = 1, render_every_n_epochs: int = 5,
+                 **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
         if parametrisation not in PARAMETRISATIONS:
             raise ConfigError(f"{self.option('parametrisation')}={parametrisation!r}: choose from "
@@ -59,6 +60,7 @@ class FeatureVisualizationCallback(InterpretationCallback):
         self.warm_steps = check_int(warm_steps, self.option("warm_steps"), 1, allow_none=True)
         self.restart_every_n_epochs = check_int(restart_every_n_epochs, self.option("restart_every_n_epochs"), 1,
                                                 allow_none=True)
+        self.render_every_n_epochs = check_int(render_every_n_epochs, self.option("render_every_n_epochs"), 1)
         # the last run's parametrisation (what the next run continues from) and what it was for
         self._warm: dict | None = None
 
@@ -153,8 +155,12 @@ class FeatureVisualizationCallback(InterpretationCallback):
         return colour_correlation_sqrt(torch.stack(raws))
 
     def _render(self, trainer, module, dm, ds, jobs, images, top, result):
-        """Rank 0 only, no collectives: the grids and featviz.json into the epoch folder."""
+        """Rank 0 only, no collectives: featviz.json into the epoch folder, and the grids when they are due
+        (render_every_n_epochs)."""
         out = self.epoch_dir(trainer, int(result.epoch))
+        result.save(out / "featviz.json")
+        if not self.render_due(trainer, self.render_every_n_epochs):
+            return
         paths = []
         unit_rows = [i for i, j in enumerate(jobs) if j[0] == "unit"]
         class_rows = [i for i, j in enumerate(jobs) if j[0] == "class"]
@@ -176,5 +182,4 @@ class FeatureVisualizationCallback(InterpretationCallback):
             save_patch_grid(torch.stack(raws), top.positions.transpose(0, 1).reshape(-1, 2), top.map_size,
                             out / "patches.png", per_unit=top.indices.shape[0], patch=self.patch_size)
             paths.append(out / "patches.png")
-        result.save(out / "featviz.json")
         self.log_images(trainer, "grids", paths, [p.stem for p in paths])
