@@ -131,7 +131,7 @@ def bench_default_run(epochs: int):
     worst = max((sum(s.get(e, 0.0) for s in spent.values()) / timer.epoch[e] for e in runs), default=0.0)
     amortised = total_cb / total_epoch
     print(f"  worst single epoch: ratio {worst:.3f}; per epoch on average (callback time / training time over the "
-          f"run) {amortised:.3f}   (target <= 0.1) {"OK" if amortised <= 0.1 else "ABOVE TARGET"}")
+          f"run) {amortised:.3f}   (target <= 0.1) {'OK' if amortised <= 0.1 else 'ABOVE TARGET'}")
     return amortised
 
 
