@@ -85,8 +85,8 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
     probe batches of `loader`; returns {layer name: DissectionResult}.
 
     The loader yields Broden items (dicts with image, seg, image_labels, index; with "maps" when it is the epoch's
-    shared algorithms.probe_pass.ProbePass, whose maps are used instead of a forward pass). Under torch.distributed each rank
-    passes its own shard; thresholds, counts and top images are reduced so every rank returns the same result.
+    shared algorithms.probe_pass.ProbePass, whose maps are used instead of a forward pass). Under torch.distributed
+    each rank passes its own shard; thresholds, counts and top images are reduced so every rank returns the same result.
     One forward pass: the layer maps (and labels) are kept in memory for the IoU pass when they fit in `cache_mb`,
     otherwise the probe set is read a second time. Concept metadata defaults to the loader's dataset's attributes.
     An unknown layer name raises a ConfigError naming `option` and the valid names.
