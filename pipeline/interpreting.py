@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+import pytorch_lightning as pl
 from pytorch_lightning import Callback
 
 from core.errors import ConfigError
@@ -26,9 +26,8 @@ from pipeline.checkpoint_io import AtomicCheckpointIO
 from pipeline.checkpoints import check_resume_checkpoint, load_for_check
 from pipeline.ddp_hydra import in_multirun, needs_own_process
 from pipeline.run_files import scalar_metrics
-from pipeline.training import (build_loggers, check_model_data_agree, fill_data_shape, finish_run, global_rank,
-                               instantiate_callbacks, interpretation_record, new_run_id, run_identity, run_info,
-                               write_record)
+from pipeline.training import (build_loggers, build_model_and_data, finish_run, global_rank, instantiate_callbacks,
+                               interpretation_record, new_run_id, run_info, write_record)
 from pipeline.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -78,14 +77,7 @@ def interpret(cfg: DictConfig) -> dict[str, Any]:
         validate_config(cfg)
         if is_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.get("seed") is not None:
-            pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        datamodule = hydra.utils.instantiate(cfg.datamodule)
-        fill_data_shape(cfg, datamodule)
-        model = hydra.utils.instantiate(cfg.model)
-        check_model_data_agree(cfg, datamodule)
-
-        identity = run_identity(cfg, datamodule, run_dir)
+        datamodule, model, identity = build_model_and_data(cfg, run_dir)
         ckpt_path = cfg.get("ckpt_path")
         epoch = 0
         if ckpt_path:

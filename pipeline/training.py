@@ -16,7 +16,6 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -149,6 +148,19 @@ def slurm_requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
+def build_model_and_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Seed, then the data module and the model of the config (checked against each other), and the run's identity
+    that checkpoints record."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    apply_sweep_group(cfg)  # multirun: W&B group = sweep folder name
+    datamodule = hydra.utils.instantiate(cfg.datamodule)
+    fill_data_shape(cfg, datamodule)
+    model = hydra.utils.instantiate(cfg.model)
+    check_model_data_agree(cfg, datamodule)
+    return datamodule, model, run_identity(cfg, datamodule, run_dir)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and test) the configured model; returns the metrics also written to <run>/metrics.json.
 
@@ -168,16 +180,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if is_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(run_dir)
-        if cfg.get("seed") is not None:
-            pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        apply_sweep_group(cfg)  # multirun: W&B group = sweep folder name
-
-        datamodule = hydra.utils.instantiate(cfg.datamodule)
-        fill_data_shape(cfg, datamodule)
-        model = hydra.utils.instantiate(cfg.model)
-        check_model_data_agree(cfg, datamodule)
-
-        identity = run_identity(cfg, datamodule, run_dir)
+        datamodule, model, identity = build_model_and_data(cfg, run_dir)
         ckpt_path = cfg.get("ckpt_path")
         if not ckpt_path and slurm_requeued() and (run_dir / "checkpoints" / LAST).is_file():
             # a SLURM job requeued after a preemption (slurm_plugins): continue in its folder from last.ckpt, written
