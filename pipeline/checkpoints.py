@@ -171,14 +171,16 @@ def load_for_check(path: str | Path) -> dict[str, Any]:
     return AtomicCheckpointIO().load_checkpoint(path, map_location="cpu")
 
 
+RESUME_FIX = ("resume with the settings it was made with (python train.py resume=<its run folder> reuses them), "
+              "or start a new run without ckpt_path")
+
+
 def check_resume_checkpoint(path: str | Path, expected: dict[str, Any], model: torch.nn.Module,
-                            ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+                            ckpt: dict[str, Any] | None = None, fix: str = RESUME_FIX) -> dict[str, Any]:
     """Refuse a checkpoint of another model or data set (naming both) before anything is trained; returns the
     identity it records ({} for checkpoints written before identities were recorded)."""
     ckpt = load_for_check(path) if ckpt is None else ckpt
     found = ckpt.get(IDENTITY_KEY) or {}
-    fix = ("resume with the settings it was made with (python train.py resume=<its run folder> reuses them), "
-           "or start a new run without ckpt_path")
     if found:
         differs = [k for k in ("model", "data", "num_classes", "channels", "image_size")
                    if found.get(k) is not None and expected.get(k) is not None and str(found[k]) != str(expected[k])]

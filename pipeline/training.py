@@ -16,7 +16,6 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -145,6 +144,19 @@ def slurm_requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
+def build_model_and_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Seed, then the data module and the model of the config (checked against each other), and the run's identity
+    that checkpoints record."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    apply_sweep_group(cfg)  # multirun: W&B group = sweep folder name
+    datamodule = hydra.utils.instantiate(cfg.datamodule)
+    fill_data_shape(cfg, datamodule)
+    model = hydra.utils.instantiate(cfg.model)
+    check_model_data_agree(cfg, datamodule)
+    return datamodule, model, run_identity(cfg, datamodule, run_dir)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and test) the configured model; returns the metrics also written to <run>/metrics.json.
 
@@ -164,16 +176,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if is_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(run_dir)
-        if cfg.get("seed") is not None:
-            pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        apply_sweep_group(cfg)  # multirun: W&B group = sweep folder name
-
-        datamodule = hydra.utils.instantiate(cfg.datamodule)
-        fill_data_shape(cfg, datamodule)
-        model = hydra.utils.instantiate(cfg.model)
-        check_model_data_agree(cfg, datamodule)
-
-        identity = run_identity(cfg, datamodule, run_dir)
+        datamodule, model, identity = build_model_and_data(cfg, run_dir)
         ckpt_path = cfg.get("ckpt_path")
         if not ckpt_path and slurm_requeued() and (run_dir / "checkpoints" / LAST).is_file():
             # a SLURM job requeued after a preemption (slurm_plugins): continue in its folder from last.ckpt, written
@@ -201,18 +204,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         callbacks = instantiate_callbacks(cfg.get("callbacks"))
         callbacks.append(LastCheckpoint(run_dir / "checkpoints", identity))
-        logger_cfg = cfg.get("logger") or {}
-        if "wandb" in logger_cfg:
-            wandb_status = configure_wandb(run_dir, check_network=is_zero)
-            if not cfg.logger.wandb.get("id"):  # an id set by the user wins
-                with open_dict(cfg):
-                    cfg.logger.wandb.id = run_id  # WandbLogger resumes it ("allow") when it exists
-            if wandb_status.mode == "offline" and is_zero:
-                log.warning(sync_hint(run_dir, wandb_status.reason))
-        if "csv" in logger_cfg and resumed:
+        if "csv" in (cfg.get("logger") or {}) and resumed:
             with open_dict(cfg):
                 cfg.logger.csv.keep_before_step = resumed.get("batches_that_stepped")
-        loggers = instantiate_group(cfg.get("logger"))
+        loggers, wandb_status = build_loggers(cfg, run_dir, run_id)
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                           plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)])
 
@@ -248,37 +243,60 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         INTERRUPTS.restore()
-        if is_zero:
-            payload = {"status": status, "metrics": metrics, "run_dir": str(run_dir),
-                       "seconds": round(time.time() - started, 2), **record}
-            if trainer is not None:
-                if status == "interrupted":  # the metrics so far (those of the last epoch and step)
-                    metrics.update(scalar_metrics(trainer.callback_metrics))
-                payload.update(epochs_completed=epochs_completed(trainer), global_step=int(trainer.global_step),
-                               world_size=int(trainer.world_size), best_checkpoint=best_checkpoint(trainer),
-                               **(interp or interpretation_record(trainer)))
-                last = run_dir / "checkpoints" / LAST
-                payload["last_checkpoint"] = str(last) if last.is_file() else None
-            if wandb_status is not None:
-                payload["wandb"] = wandb_status.record()
-                fallback = next((lg for lg in (trainer.loggers if trainer is not None else [])
-                                 if getattr(lg, "fallback_reason", None) or getattr(lg, "disabled_reason", None)),
-                                None)
-                if fallback is not None:
-                    payload["wandb"].update(mode="offline" if not fallback.disabled_reason else "off",
-                                            reason=fallback.disabled_reason or fallback.fallback_reason)
-            payload.update(run_info(cfg))  # also for a job that failed before the trainer existed (sweeps)
-            if status == "interrupted":
-                payload.update(interrupted_by=error.signal_name, resume_command=resume_command(run_dir))
-                log.warning("Run %s. Resume it with: %s", error.describe(), resume_command(run_dir))
-            elif error is not None:
-                payload["error"] = f"{type(error).__name__}: {error}"
-            write_record(run_dir, payload)
-        # report.html (and the page on W&B, so before finish_wandb); never raises
-        report = write_run_report(run_dir, trainer) if is_zero else None
-        finish_wandb(exit_code=0 if status == "completed" else 1)
-        if report is not None:
-            log.info("report: %s", report)  # the run's last line: the page to open
+        finish_run(cfg, run_dir, status, error, trainer, metrics, interp, record, wandb_status, started)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> tuple[list, Any]:
+    """The logger group; W&B online only when its server accepts the key within the time budget, else offline with
+    the sync hint (pipeline/wandb_setup.py), under the run's id so that a resume continues the same W&B run."""
+    wandb_status = None
+    if "wandb" in (cfg.get("logger") or {}):
+        is_zero = global_rank() == 0
+        wandb_status = configure_wandb(run_dir, check_network=is_zero)
+        if not cfg.logger.wandb.get("id"):  # an id set by the user wins
+            with open_dict(cfg):
+                cfg.logger.wandb.id = run_id  # WandbLogger resumes it ("allow") when it exists
+        if wandb_status.mode == "offline" and is_zero:
+            log.warning(sync_hint(run_dir, wandb_status.reason))
+    return instantiate_group(cfg.get("logger")), wandb_status
+
+
+def finish_run(cfg: DictConfig, run_dir: Path, status: str, error: BaseException | None, trainer, metrics: dict,
+               interp: dict | None, record: dict, wandb_status, started: float) -> None:
+    """The end of every run, whatever ended it: metrics.json (status, metrics, interpretation cost and errors, W&B
+    mode, the resume command of an interrupted run), report.html, and W&B closed."""
+    is_zero = global_rank() == 0
+    if is_zero:
+        payload = {"status": status, "metrics": metrics, "run_dir": str(run_dir),
+                   "seconds": round(time.time() - started, 2), **record}
+        if trainer is not None:
+            if status == "interrupted":  # the metrics so far (those of the last epoch and step)
+                metrics.update(scalar_metrics(trainer.callback_metrics))
+            payload.update(epochs_completed=epochs_completed(trainer), global_step=int(trainer.global_step),
+                           world_size=int(trainer.world_size), best_checkpoint=best_checkpoint(trainer),
+                           **(interp or interpretation_record(trainer)))
+            last = run_dir / "checkpoints" / LAST
+            payload["last_checkpoint"] = str(last) if last.is_file() else None
+        if wandb_status is not None:
+            payload["wandb"] = wandb_status.record()
+            fallback = next((lg for lg in (trainer.loggers if trainer is not None else [])
+                             if getattr(lg, "fallback_reason", None) or getattr(lg, "disabled_reason", None)),
+                            None)
+            if fallback is not None:
+                payload["wandb"].update(mode="offline" if not fallback.disabled_reason else "off",
+                                        reason=fallback.disabled_reason or fallback.fallback_reason)
+        payload.update(run_info(cfg))  # also for a job that failed before the trainer existed (sweeps)
+        if status == "interrupted":
+            payload.update(interrupted_by=error.signal_name, resume_command=resume_command(run_dir))
+            log.warning("Run %s. Resume it with: %s", error.describe(), resume_command(run_dir))
+        elif error is not None:
+            payload["error"] = f"{type(error).__name__}: {error}"
+        write_record(run_dir, payload)
+    # report.html (and the page on W&B, so before finish_wandb); never raises
+    report = write_run_report(run_dir, trainer) if is_zero else None
+    finish_wandb(exit_code=0 if status == "completed" else 1)
+    if report is not None:
+        log.info("report: %s", report)  # the run's last line: the page to open
 
 
 def write_record(run_dir: Path, payload: dict[str, Any]) -> None:
