@@ -131,7 +131,11 @@ class InterpretationCallback(Callback):
     @staticmethod
     def render_due(trainer: Trainer, every_n_epochs: int) -> bool:
         """Whether this run draws its figures: every `every_n_epochs`-th epoch and after the last one (the metrics
-        and typed results are computed and written every run; figures are the part a reader needs less often)."""
+        and typed results are computed and written every run; figures are the part a reader needs less often).
+        Outside training (interpret.py runs the callbacks once in a validation pass) they are always due."""
+        stage = getattr(getattr(trainer, "state", None), "fn", None)
+        if stage is not None and stage != "fit":
+            return True
         return (trainer.current_epoch + 1) % every_n_epochs == 0 or is_last_epoch(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
