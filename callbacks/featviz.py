@@ -138,7 +138,7 @@ class FeatureVisualizationCallback(InterpretationCallback):
             return noise, self.steps
         param = make()
         param.load_state_dict(warm["state"])  # copies onto the parametrisation's device
-        return param, self.warm_steps
+        return param, min(self.warm_steps, self.steps)   # never more than a start from noise
 
     def state_dict(self):
         return {**super().state_dict(), "warm": self._warm}
