@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+import pytorch_lightning as pl
 from pytorch_lightning import Callback
 
 from core.errors import ConfigError
@@ -26,9 +27,8 @@ from pipeline.checkpoint_io import AtomicCheckpointIO
 from pipeline.checkpoints import check_resume_checkpoint, load_for_check
 from pipeline.ddp_hydra import in_multirun, needs_own_process
 from pipeline.run_files import scalar_metrics
-from pipeline.training import (build_loggers, check_model_data_agree, fill_data_shape, finish_run, global_rank,
-                               instantiate_callbacks, interpretation_record, new_run_id, run_identity, run_info,
-                               write_record)
+from pipeline.training import (build_loggers, build_model_and_data, finish_run, global_rank, instantiate_callbacks,
+                               interpretation_record, new_run_id, run_info, write_record)
 from pipeline.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,7 @@ def interpret(cfg: DictConfig) -> dict[str, Any]:
         validate_config(cfg)
         if is_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.get("seed") is not None:
-            pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        datamodule = hydra.utils.instantiate(cfg.datamodule)
-        fill_data_shape(cfg, datamodule)
-        model = hydra.utils.instantiate(cfg.model)
-        check_model_data_agree(cfg, datamodule)
-
-        identity = run_identity(cfg, datamodule, run_dir)
+        datamodule, model, identity = build_model_and_data(cfg, run_dir)
         ckpt_path = cfg.get("ckpt_path")
         epoch = 0
         if ckpt_path:
@@ -113,7 +106,10 @@ def interpret(cfg: DictConfig) -> dict[str, Any]:
         loggers, wandb_status = build_loggers(cfg, run_dir, run_id)
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*methods, driver], logger=loggers or False,
                                           plugins=[AtomicCheckpointIO()])
-        results = trainer.validate(model=model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=is_zero)
+        with warnings.catch_warnings():
+            # Lightning asks for the checkpoint callbacks of training, which restore nothing a validation pass uses
+            warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
+            results = trainer.validate(model=model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=is_zero)
         for result in results:
             metrics.update(scalar_metrics(result))
         metrics.update(scalar_metrics(trainer.callback_metrics))

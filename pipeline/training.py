@@ -16,7 +16,6 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -58,14 +57,10 @@ def instantiate_callbacks(group: DictConfig | None) -> list:
     return callbacks
 
 
-def interpretation_record(trainer) -> dict[str, Any]:
-    """What the interpretation callbacks cost and which of them failed, for metrics.json: `interp_seconds` and
-    `interp_runs` per callback, `interp_errors` (callback, epoch, rank, error, traceback)."""
-    from callbacks.base import InterpretationCallback
-    cbs = [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, InterpretationCallback)]
-    return {"interp_seconds": {cb.name: round(cb.seconds, 3) for cb in cbs if cb.runs},
-            "interp_runs": {cb.name: cb.runs for cb in cbs if cb.runs},
-            "interp_errors": [e for cb in cbs for e in cb.errors]}
+def interpretation_record(trainer, fit_seconds: float | None = None) -> dict[str, Any]:
+    """callbacks.base.interpretation_record over the trainer's callbacks (cost, overhead, failures)."""
+    from callbacks.base import interpretation_record as record
+    return record(trainer.callbacks if trainer is not None else [], fit_seconds)
 
 
 def check_model_data_agree(cfg: DictConfig, datamodule) -> None:
@@ -149,6 +144,19 @@ def slurm_requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
+def build_model_and_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Seed, then the data module and the model of the config (checked against each other), and the run's identity
+    that checkpoints record."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    apply_sweep_group(cfg)  # multirun: W&B group = sweep folder name
+    datamodule = hydra.utils.instantiate(cfg.datamodule)
+    fill_data_shape(cfg, datamodule)
+    model = hydra.utils.instantiate(cfg.model)
+    check_model_data_agree(cfg, datamodule)
+    return datamodule, model, run_identity(cfg, datamodule, run_dir)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and test) the configured model; returns the metrics also written to <run>/metrics.json.
 
@@ -168,16 +176,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if is_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(run_dir)
-        if cfg.get("seed") is not None:
-            pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        apply_sweep_group(cfg)  # multirun: W&B group = sweep folder name
-
-        datamodule = hydra.utils.instantiate(cfg.datamodule)
-        fill_data_shape(cfg, datamodule)
-        model = hydra.utils.instantiate(cfg.model)
-        check_model_data_agree(cfg, datamodule)
-
-        identity = run_identity(cfg, datamodule, run_dir)
+        datamodule, model, identity = build_model_and_data(cfg, run_dir)
         ckpt_path = cfg.get("ckpt_path")
         if not ckpt_path and slurm_requeued() and (run_dir / "checkpoints" / LAST).is_file():
             # a SLURM job requeued after a preemption (slurm_plugins): continue in its folder from last.ckpt, written
@@ -212,10 +211,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                           plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)])
 
+        fit_started = time.perf_counter()
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        fit_seconds = time.perf_counter() - fit_started
         metrics.update(scalar_metrics(trainer.callback_metrics))
         # before testing: trainer.test(ckpt_path=best) restores the callbacks' state of that (earlier) checkpoint
-        interp = interpretation_record(trainer)
+        interp = interpretation_record(trainer, fit_seconds)
+        if interp["interp_seconds"]:
+            if "interp/overhead" in interp:
+                metrics["interp/overhead"] = interp["interp/overhead"]
+            if is_zero:
+                from callbacks.base import overhead_line
+                log.info(overhead_line(interp))
 
         if cfg.get("test", True):
             ckpt = best_checkpoint(trainer)
