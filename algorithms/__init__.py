@@ -10,3 +10,4 @@ render and log. Imports point down only: algorithms use core/, models/ (Lightnin
 from algorithms import capsules, composability, dissection_result, dynk_stats, icnn_metrics, prototypes  # noqa: F401
 from algorithms.attribution import result as _attribution_result  # noqa: F401
 from algorithms.featviz import result as _featviz_result  # noqa: F401
+from algorithms.gan import result as _gan_result  # noqa: F401
