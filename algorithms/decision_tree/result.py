@@ -80,6 +80,8 @@ class DecisionTreeResult(Result):
     roots: list[int]
     nodes: list[TreeNode]
     metrics: dict[str, float] = field(default_factory=dict)
+    #: class id -> names of its defining concepts (the data's ground truth; empty without one)
+    definitions: dict[int, list[str]] = field(default_factory=dict)
     epoch: int | None = None
 
     def modes(self, cls: int | str) -> list[int]:
@@ -100,6 +102,7 @@ class DecisionTreeResult(Result):
                 "mode_loss": self.mode_loss, "max_depth": self.max_depth, "num_images": self.num_images,
                 "num_units": self.num_units, "class_names": list(self.class_names),
                 "unit_labels": list(self.unit_labels), "roots": list(self.roots), "metrics": dict(self.metrics),
+                "definitions": {str(k): list(v) for k, v in self.definitions.items()},
                 "nodes": [n.payload() for n in self.nodes]}
 
     @classmethod
@@ -112,4 +115,5 @@ class DecisionTreeResult(Result):
                    roots=[int(r) for r in data["roots"]],
                    nodes=[TreeNode.from_payload(n) for n in data["nodes"]],
                    metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
+                   definitions={int(k): [str(c) for c in v] for k, v in data.get("definitions", {}).items()},
                    epoch=None if data.get("epoch") is None else int(data["epoch"]))

@@ -242,6 +242,8 @@ def build_tree(rat: Rationales, sparsity: float = 0.05, mode_loss: float = 0.1, 
     metrics["residual"] = float(rat.residual.abs().mean())
     if labels is not None:
         concept_shares(result, labels)
+        result.definitions = {int(k): [labels.concept_names[c] for c in v]
+                              for k, v in (labels.class_concepts or {}).items()}
         metrics.update(mode_agreement(result, labels, shuffles))
     result.metrics = metrics
     return result
