@@ -33,14 +33,15 @@ class DecisionTreeCallback(InterpretationCallback):
     depends_on = ("dissection",)
 
     def __init__(self, layer: str | None = None, source: str = "auto", sparsity: float = 0.05,
-                 mode_loss: float = 0.1, max_modes: int = 8, max_depth: int = 3, figure_depth: int = 2,
+                 mode_loss: float = 0.005, max_modes: int = 8, min_images: int = 3, max_depth: int = 3,
+                 figure_depth: int = 2,
                  shuffles: int = 100, every_n_epochs: int = 3, run_on_last_epoch: bool = True, batch_size: int = 100,
                  **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, run_on_last_epoch=run_on_last_epoch, batch_size=batch_size,
                          **kwargs)
         self.layer, self.source = layer, source
         self.sparsity, self.mode_loss, self.max_modes, self.max_depth = sparsity, mode_loss, max_modes, max_depth
-        self.figure_depth, self.shuffles = figure_depth, shuffles
+        self.figure_depth, self.shuffles, self.min_images = figure_depth, shuffles, min_images
         self.check_settings()
         self.result: DecisionTreeResult | None = None
         self._said_off = False
@@ -49,7 +50,7 @@ class DecisionTreeCallback(InterpretationCallback):
         if self.source not in SOURCES:
             raise ConfigError(f"{self.option('source')}={self.source!r}: choose one of {', '.join(SOURCES)}")
         check_tree_options(self.sparsity, self.mode_loss, self.max_modes, self.max_depth,
-                           prefix=self.option("")[:-1] + ".")
+                           prefix=self.option("")[:-1] + ".", min_images=self.min_images)
         self.figure_depth = check_int(self.figure_depth, self.option("figure_depth"), 1)
         self.shuffles = check_int(self.shuffles, self.option("shuffles"), 0)
         if self.figure_depth > self.max_depth:
@@ -75,7 +76,7 @@ class DecisionTreeCallback(InterpretationCallback):
         dissection = dissection_cb.result(trainer, module, epoch, rat.layer)
         dm = getattr(trainer, "datamodule", None)
         names = getattr(dm, "class_names", None)
-        result = build_tree(rat, self.sparsity, self.mode_loss, self.max_modes, self.max_depth,
+        result = build_tree(rat, self.sparsity, self.mode_loss, self.max_modes, self.min_images, self.max_depth,
                             labels=Labels.from_dissection(dissection, getattr(probe, "class_concepts", None)),
                             class_names=names, num_classes=getattr(module, "num_classes", None),
                             shuffles=self.shuffles)

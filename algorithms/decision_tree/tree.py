@@ -2,7 +2,8 @@
 build.py), cut it into decision modes, descend it to explain an image, and measure it.
 
 - Modes: a class's root is expanded top-down, always at the child whose merge lost the most fit per image, while
-  that loss exceeds `mode_loss` and the class has fewer than `max_modes` children. This is the paper's stopping rule
+  that loss exceeds `mode_loss`, both halves keep at least `min_images` images and the class has fewer than
+  `max_modes` children. This is the paper's stopping rule
   (merge while the gain in fit pays for the prior on one node more) read on the full hierarchy, so that one build
   serves every cut.
 - Descent (the paper's "explaining a new image"): from the root of the image's predicted class, at each level go to
@@ -42,13 +43,13 @@ class Labels:
         return cls(dissection.unit_concepts(), list(dissection.concept_names), class_concepts)
 
 
-def check_tree_options(sparsity, mode_loss, max_modes, max_depth, prefix: str = "") -> None:
+def check_tree_options(sparsity, mode_loss, max_modes, max_depth, prefix: str = "", min_images: int = 1) -> None:
     if not 0.0 <= float(sparsity) < 1.0:
         raise ConfigError(f"{prefix}sparsity={sparsity}: the per-image L1 weight lambda must lie in [0, 1) (a unit "
                           f"joins a mode when its mean normalised contribution exceeds it)")
     if not float(mode_loss) >= 0.0:
         raise ConfigError(f"{prefix}mode_loss={mode_loss}: the fit lost per image that splits a mode must be >= 0")
-    for name, v in (("max_modes", max_modes), ("max_depth", max_depth)):
+    for name, v in (("max_modes", max_modes), ("max_depth", max_depth), ("min_images", min_images)):
         if isinstance(v, bool) or int(v) != v or int(v) < 1:
             raise ConfigError(f"{prefix}{name}={v}: must be an integer >= 1")
 
@@ -59,7 +60,7 @@ def _sparse(v: torch.Tensor) -> dict[int, float]:
 
 
 def _class_nodes(merges, cls: int, mode_loss: float, max_modes: int, max_depth: int, first_id: int,
-                 sparsity: float) -> list[TreeNode]:
+                 sparsity: float, min_images: int) -> list[TreeNode]:
     """The kept top of one class's hierarchy: its root (depth 0), its modes (depth 1) and their merges below, to
     `max_depth`; node ids from `first_id`."""
     n = merges.num_leaves
@@ -70,9 +71,12 @@ def _class_nodes(merges, cls: int, mode_loss: float, max_modes: int, max_depth: 
     kids = {n + t: (int(merges.left[t]), int(merges.right[t])) for t in range(n - 1)}
     frontier = [merges.root]
     while len(frontier) < max_modes:
-        worst = max(frontier, key=lambda h: float(per_image[h]))
-        if worst not in kids or float(per_image[worst]) <= mode_loss:
+        # a split that would leave a mode of fewer than min_images images is an outlier, not a way of deciding
+        splittable = [h for h in frontier if h in kids and float(per_image[h]) > mode_loss
+                      and min(int(counts[k]) for k in kids[h]) >= min_images]
+        if not splittable:
             break
+        worst = max(splittable, key=lambda h: float(per_image[h]))
         at = frontier.index(worst)
         frontier[at:at + 1] = list(kids[worst])
     weights = mode_weights(merges.sums, counts, sparsity)
@@ -206,13 +210,13 @@ def mode_agreement(result: DecisionTreeResult, labels: Labels, shuffles: int = 1
             "mode_names_defining": float(nd[0]), "mode_names_defining_shuffled": float(nd[1:].mean())}
 
 
-def build_tree(rat: Rationales, sparsity: float = 0.05, mode_loss: float = 0.1, max_modes: int = 8,
-               max_depth: int = 3, labels: Labels | None = None, class_names: Sequence[str] | None = None,
+def build_tree(rat: Rationales, sparsity: float = 0.05, mode_loss: float = 0.005, max_modes: int = 8,
+               min_images: int = 3, max_depth: int = 3, labels: Labels | None = None, class_names: Sequence[str] | None = None,
                num_classes: int | None = None, shuffles: int = 100) -> DecisionTreeResult:
     """The decision tree of `rat` (one tree per predicted class), its modes, per-depth metrics (by descending the
     tree with the same images) and, with `labels`, the concept shares of every node and the agreement of the modes
     with the class definitions."""
-    check_tree_options(sparsity, mode_loss, max_modes, max_depth)
+    check_tree_options(sparsity, mode_loss, max_modes, max_depth, min_images=min_images)
     k = num_classes or (len(class_names) if class_names is not None else int(rat.pred.max()) + 1)
     class_names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
     u = unit_rationales(rat.rho.float())
@@ -223,7 +227,7 @@ def build_tree(rat: Rationales, sparsity: float = 0.05, mode_loss: float = 0.1, 
         idx = (rat.pred == c).nonzero().flatten()
         merges = agglomerate(u[idx], float(sparsity), extra[idx])
         part = _class_nodes(merges, int(c), float(mode_loss), int(max_modes), int(max_depth), len(nodes),
-                            float(sparsity))
+                            float(sparsity), int(min_images))
         roots[int(c)] = part[0].id
         nodes.extend(part)
     unit_labels = [None] * rat.rho.shape[1]
