@@ -256,3 +256,20 @@ def test_shapes_modes_name_the_defining_concepts_more_often_than_shuffled_labels
     assert m["mode_names_defining"] >= m["mode_names_defining_shuffled"] + 0.2
     assert m["mode_defining_share"] >= m["mode_defining_share_shuffled"] + 0.1
     assert m["explained_d1"] > 0.3
+
+
+def test_compare_shows_the_tree_columns(tmp_path):
+    import json
+
+    import compare
+    for name, names in (("cnn", 0.6), ("icnn", 0.9)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({"status": "completed", "metrics": {
+            "val/acc": 0.9, "interp/decision_tree/modes": 2.0, "interp/decision_tree/explained_d1": 0.8,
+            "interp/decision_tree/mode_names_defining": names,
+            "interp/decision_tree/mode_names_defining_shuffled": 0.3}}))
+    runs = compare.gather([tmp_path])
+    cols = compare.metric_columns(runs, list(compare.DEFAULT_METRICS))
+    assert cols == ["val/acc", "interp/decision_tree/modes", "interp/decision_tree/explained_d1",
+                    "interp/decision_tree/mode_names_defining", "interp/decision_tree/mode_names_defining_shuffled"]
