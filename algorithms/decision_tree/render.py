@@ -32,7 +32,7 @@ def _layout(result: DecisionTreeResult, root: int, depth: int) -> dict[int, tupl
 
 def _label(result: DecisionTreeResult, v: int, terms: int) -> str:
     n = result.nodes[v]
-    lines = [f"n={n.num_images}" + (f" loss {n.loss:.2f}" if n.depth else "")]
+    lines = [f"n={n.num_images}" + (f" loss {n.loss:.3f}" if n.depth == 1 else "")]
     shown = [(c, s) for c, s in n.concepts.items() if s >= 0.05][:terms]
     lines += [f"{c if c != UNINTERPRETABLE else 'uninterp.'} {100 * s:.0f}%" for c, s in shown]
     return "\n".join(lines)
@@ -47,8 +47,8 @@ def render_tree(result: DecisionTreeResult, path: Path, depth: int = 2, terms: i
     cols = min(3, max(1, len(ks)))
     rows = max(1, math.ceil(len(ks) / cols))
     widths = [len([v for v, (_, d) in _layout(result, result.roots[k], depth).items() if d == depth]) for k in ks]
-    panel_w = max(4.0, 1.15 * max(widths + [1]))
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols, 2.3 * (depth + 1) * rows), squeeze=False)
+    panel_w = max(3.6, 0.95 * max(widths + [1]))
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols, 1.25 * (depth + 1) * rows + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, k in zip(axes.flat, ks):
@@ -75,7 +75,7 @@ def render_tree(result: DecisionTreeResult, path: Path, depth: int = 2, terms: i
     fig.suptitle(title or (f"decision tree on {result.layer} ({result.source}); explained by the mode "
                            f"{100 * m.get('explained_d1', 0):.0f}%, modes/class {m.get('modes', 0):.1f}; "
                            f"green/red edge: the mode's top concept does / does not define the class"), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
