@@ -273,3 +273,29 @@ def test_compare_shows_the_tree_columns(tmp_path):
     cols = compare.metric_columns(runs, list(compare.DEFAULT_METRICS))
     assert cols == ["val/acc", "interp/decision_tree/modes", "interp/decision_tree/explained_d1",
                     "interp/decision_tree/mode_names_defining", "interp/decision_tree/mode_names_defining_shuffled"]
+
+
+def _ddp_tree(rank, world_size, configs):
+    """Per config of shard sizes, rank r reads images [start_r, start_r + sizes[r]) of a fixed set (a shard may be
+    empty); one process launch for all configs (spawning costs more than the checks)."""
+    from models.cnn import CNNClassifier
+    torch.manual_seed(0)
+    model = CNNClassifier(num_classes=3, image_size=16, widths=(4, 8, 8, 8)).eval()
+    out = []
+    for sizes in configs:
+        x = torch.rand(sum(sizes), 3, 16, 16, generator=torch.Generator().manual_seed(3))
+        start = sum(sizes[:rank])
+        loader = DataLoader([{"image": im} for im in x[start:start + sizes[rank]]], batch_size=4)
+        out.append(build_tree(collect_rationales(model, loader), num_classes=3, min_images=1).to_json())
+    return out
+
+
+def test_ddp_ranks_build_the_single_process_tree():
+    from tests.ddp_utils import run_ddp
+    configs = [(6, 4), (10, 0)]
+    single = _ddp_tree(0, 1, [(10,)])[0]
+    outs = run_ddp(_ddp_tree, 2, (configs,), timeout_s=120)
+    for k in range(len(configs)):
+        assert outs[0][k] == outs[1][k]
+        assert outs[0][k]["num_images"] == single["num_images"] == 10
+        assert outs[0][k]["metrics"] == pytest.approx(single["metrics"], abs=1e-5)

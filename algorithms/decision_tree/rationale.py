@@ -116,9 +116,12 @@ def collect_rationales(model, loader, layer: str | None = None, source: str = "a
         error = err
     D.raise_together(error, device)
     out = {k: torch.cat(v) if v else None for k, v in parts.items()}
+    if gather and D.world_size() > 1:
+        # as objects: a rank whose shard is empty knows neither the number of units nor which fields exist
+        shards = D.all_gather_object({k: None if v is None else v.cpu() for k, v in out.items()})
+        out = {k: (torch.cat(got).to(device) if (got := [sh[k] for sh in shards if sh[k] is not None]) else None)
+               for k in out}
     if out["rho"] is None:
         raise ValueError("collect_rationales: the loader gave no images")
-    if gather and D.world_size() > 1:
-        out = {k: (D.all_gather_cat(v) if v is not None else None) for k, v in out.items()}
     return Rationales(out["rho"], out["scores"], out["residual"], out["pred"], source, layer,
                       labels=out["labels"], index=out["index"])
