@@ -175,6 +175,19 @@ def test_rationale_sums_to_the_score_minus_the_bias_and_matches_autograd(kind):
     assert torch.allclose(exact.rho, (a * w[exact.pred]).detach(), atol=1e-6)
 
 
+def test_protopnet_rationale_is_over_its_prototypes_and_sums_to_the_score():
+    from models.protopnet import ProtoPNet
+    torch.manual_seed(0)
+    model = ProtoPNet(num_classes=4, image_size=32, widths=(8, 8, 16, 16), prototypes_per_class=2,
+                      prototype_dim=16).eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rat = collect_rationales(model, DataLoader([{"image": im} for im in x], batch_size=4))
+    assert rat.source == "unit_head" and rat.layer == "prototypes" and rat.rho.shape == (8, 8)
+    y = model(x).detach().gather(1, rat.pred[:, None])[:, 0]
+    # logit_c = sum_j sim_j w_cj (no bias): the similarities x last-layer weights are the whole score
+    assert torch.allclose(rat.rho.sum(1), y, atol=1e-5) and float(rat.residual.abs().max()) < 1e-5
+
+
 def test_gradient_rationale_of_a_nonlinear_head_reports_its_taylor_remainder():
     from models.icnn import ICNNClassifier
     torch.manual_seed(0)
