@@ -75,7 +75,9 @@ def render_tree(result: DecisionTreeResult, path: Path, depth: int = 2, terms: i
     fig.suptitle(title or (f"decision tree on {result.layer} ({result.source}); explained by the mode "
                            f"{100 * m.get('explained_d1', 0):.0f}%, modes/class {m.get('modes', 0):.1f}; "
                            f"green/red edge: the mode's top concept does / does not define the class"), fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    # fixed margins: tight_layout measures every text box (several seconds for 12 panels of boxes)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.9 / fig.get_figheight(), wspace=0.05,
+                        hspace=0.25)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
