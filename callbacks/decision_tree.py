@@ -3,7 +3,8 @@ agreement with the class definitions). The probe set and the units' concept labe
 (`depends_on`), for the layer the rationales are taken at, computed once per epoch whichever callback asks first.
 
 Outputs in <run>/interp/decision_tree/epoch_NNN/: decision_tree.json (algorithms.decision_tree.result.
-DecisionTreeResult), decision_tree.png (the top levels per class), modes.csv (one row per decision mode); W&B: the
+DecisionTreeResult), decision_tree.png (the top levels per class; every `render_every_n_epochs`-th epoch and after
+the last), modes.csv (one row per decision mode); W&B: the
 figure and the modes table; scalars interp/decision_tree/{modes, explained_d<d>, fit_d<d>, modes_d<d>,
 mode_defining_share, mode_names_defining (+ _shuffled), residual}.
 """
@@ -36,12 +37,13 @@ class DecisionTreeCallback(InterpretationCallback):
                  mode_loss: float = 0.005, max_modes: int = 8, min_images: int = 3, max_depth: int = 3,
                  figure_depth: int = 2,
                  shuffles: int = 100, every_n_epochs: int = 3, run_on_last_epoch: bool = True, batch_size: int = 100,
-                 **kwargs):
+                 render_every_n_epochs: int = 5, **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, run_on_last_epoch=run_on_last_epoch, batch_size=batch_size,
                          **kwargs)
         self.layer, self.source = layer, source
         self.sparsity, self.mode_loss, self.max_modes, self.max_depth = sparsity, mode_loss, max_modes, max_depth
         self.figure_depth, self.shuffles, self.min_images = figure_depth, shuffles, min_images
+        self.render_every_n_epochs = render_every_n_epochs
         self.check_settings()
         self.result: DecisionTreeResult | None = None
         self._said_off = False
@@ -53,6 +55,7 @@ class DecisionTreeCallback(InterpretationCallback):
                            prefix=self.option("")[:-1] + ".", min_images=self.min_images)
         self.figure_depth = check_int(self.figure_depth, self.option("figure_depth"), 1)
         self.shuffles = check_int(self.shuffles, self.option("shuffles"), 0)
+        self.render_every_n_epochs = check_int(self.render_every_n_epochs, self.option("render_every_n_epochs"), 1)
         if self.figure_depth > self.max_depth:
             raise ConfigError(f"{self.option('figure_depth')}={self.figure_depth}: at most "
                               f"{self.option('max_depth')}={self.max_depth} (the tree is kept to that depth)")
@@ -89,8 +92,10 @@ class DecisionTreeCallback(InterpretationCallback):
     def write_outputs(self, trainer, result: DecisionTreeResult, epoch: int):
         out = self.epoch_dir(trainer, epoch)
         result.save(out / "decision_tree.json")
-        figure = render_tree(result, out / "decision_tree.png", depth=self.figure_depth)
-        self.log_images(trainer, "tree", [figure], [f"epoch {epoch}"])
+        # the figure is most of this callback's cost (docs/decision_tree.md): drawn on main's render schedule
+        if self.render_due(trainer, self.render_every_n_epochs):
+            figure = render_tree(result, out / "decision_tree.png", depth=self.figure_depth)
+            self.log_images(trainer, "tree", [figure], [f"epoch {epoch}"])
         columns = ["class", "mode", "images", "loss", "concepts", "defining_share"]
         rows = []
         for k, root in enumerate(result.roots):
