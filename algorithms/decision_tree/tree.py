@@ -211,7 +211,8 @@ def mode_agreement(result: DecisionTreeResult, labels: Labels, shuffles: int = 1
 
 
 def build_tree(rat: Rationales, sparsity: float = 0.05, mode_loss: float = 0.005, max_modes: int = 8,
-               min_images: int = 3, max_depth: int = 3, labels: Labels | None = None, class_names: Sequence[str] | None = None,
+               min_images: int = 3, max_depth: int = 3, labels: Labels | None = None,
+               class_names: Sequence[str] | None = None,
                num_classes: int | None = None, shuffles: int = 100) -> DecisionTreeResult:
     """The decision tree of `rat` (one tree per predicted class), its modes, per-depth metrics (by descending the
     tree with the same images) and, with `labels`, the concept shares of every node and the agreement of the modes
