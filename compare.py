@@ -1,4 +1,5 @@
-"""Compare runs: accuracy, dissection and concept-composability results of sweep jobs or single runs side by side.
+"""Compare runs: accuracy, dissection, concept-composability and decision-tree results of sweep jobs or single runs
+side by side.
 
     python compare.py outputs/train/multiruns/2026-11-25_21-00-00_000000            # one sweep
     python compare.py <sweep A> <run B> --out comparisons/ab --metrics 'val/*' 'interp/*'
@@ -38,6 +39,11 @@ DEFAULT_METRICS = (
     "interp/composability/nonzero_weights_per_class",
     "interp/composability/*precision*",
     "interp/composability/*recall*",
+    "interp/decision_tree/modes",
+    "interp/decision_tree/explained_d1",
+    "interp/decision_tree/fit_d1",
+    "interp/decision_tree/mode_names_defining*",
+    "interp/decision_tree/mode_defining_share*",
     # GANs (docs/gan.md): quality by the concept segmenter, dissection, interventions, latent directions
     "val/fd",
     "val/concept_freq_l1",

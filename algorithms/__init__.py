@@ -9,5 +9,6 @@ render and log. Imports point down only: algorithms use core/, models/ (Lightnin
 # the modules whose typed results core.results.load_result must know (each registers its schemas on import)
 from algorithms import capsules, composability, dissection_result, dynk_stats, icnn_metrics, prototypes  # noqa: F401
 from algorithms.attribution import result as _attribution_result  # noqa: F401
+from algorithms.decision_tree import result as _decision_tree_result  # noqa: F401
 from algorithms.featviz import result as _featviz_result  # noqa: F401
 from algorithms.gan import result as _gan_result  # noqa: F401

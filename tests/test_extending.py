@@ -19,9 +19,11 @@ SMALL = ["datamodule.n_train=480", "datamodule.n_val=120", "datamodule.n_test=12
 EVERY_EPOCH = ["callbacks.dissection.every_n_epochs=1", "callbacks.dissection.probe_size=60",
                "callbacks.composability.every_n_epochs=1", "callbacks.attribution.every_n_epochs=1",
                "callbacks.attribution.max_images=24", "callbacks.featviz.every_n_epochs=1", "callbacks.featviz.steps=4",
-               "callbacks.featviz.num_units=4", "callbacks.featviz.max_images=24"]
+               "callbacks.featviz.num_units=4", "callbacks.featviz.max_images=24",
+               "callbacks.decision_tree.every_n_epochs=1"]
 EXPECTED = ["interp/dissection/interpretable_units", "interp/composability/completeness",
-            "interp/attribution/gradcam/pointing_game", "interp/featviz/activation_gain_median"]
+            "interp/attribution/gradcam/pointing_game", "interp/featviz/activation_gain_median",
+            "interp/decision_tree/explained_d1"]
 
 
 def stages(channels: int) -> "OrderedDict[str, nn.Module]":
@@ -111,8 +113,9 @@ def test_an_outside_model_gets_dissection_composability_attribution_and_featviz(
     for key in EXPECTED:
         assert key in metrics, (key, sorted(k for k in metrics if k.startswith("interp/")))
     # every callback ran after every epoch and wrote its files into the run folder
-    assert payload["interp_runs"] == {"dissection": 2, "composability": 2, "attribution": 2, "featviz": 2}
-    for name in ("dissection", "composability", "attribution", "featviz"):
+    assert payload["interp_runs"] == {"dissection": 2, "composability": 2, "attribution": 2, "featviz": 2,
+                                      "decision_tree": 2}
+    for name in ("dissection", "composability", "attribution", "featviz", "decision_tree"):
         assert sorted(p.name for p in (run / "interp" / name).iterdir()) == ["epoch_000", "epoch_001"], name
     # the default layer of a model that names none is its last probe layer
     dissection = json.loads((run / "interp" / "dissection" / "epoch_001" / "dissection.json").read_text())

@@ -101,6 +101,7 @@ def test_pretrained_backbone_is_dissected_on_a_broden_folder(resnet_state_dict, 
                  "datamodule.test_fraction=0.25", f"callbacks.dissection.probe={shapes.folder}",
                  "callbacks.dissection.probe_split=val", "callbacks.dissection.probe_size=40",
                  "callbacks.composability=null", "callbacks.attribution=null", "callbacks.featviz=null",
+                 "callbacks.decision_tree=null",
                  "logger=none"]
     metrics = interpret_run(overrides, out)
     payload = json.loads((out / "metrics.json").read_text())
