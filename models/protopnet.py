@@ -326,7 +326,10 @@ class ProtoPNet(ClassifierModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.freeze_batchnorm and self.phase is not None:
+        # convex last layer: its epochs only measure, and BatchNorm statistics updated there would change the
+        # similarities the last layer was solved on (so that it is no longer their optimum)
+        frozen_stats = self.freeze_batchnorm or (self.phase == "last_layer" and self.convex_last_layer)
+        if mode and frozen_stats and self.phase is not None:
             for g in GROUPS:
                 if g not in self.phase_lrs[self.phase]:
                     for module in self.group_modules(g):

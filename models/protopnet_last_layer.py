@@ -153,6 +153,8 @@ def fit_last_layer(sims: Tensor, labels: Tensor, off_class: Tensor, l1: float, l
             lip = min(2 * lip, l_max)
         obj_new = float(f_new + l1 * (w_new * off).abs().sum())
         if obj_new > obj:
+            if t == 1.0:
+                break  # even a plain proximal step from w fails to decrease F: the floating-point floor
             # function-value restart: drop the momentum and take a plain proximal step from w instead
             t, y = 1.0, w.clone()
             continue
