@@ -190,7 +190,7 @@ def test_explanation_adds_up_to_the_logits(pushed_toy):
     with torch.no_grad():  # a dense last layer, so that every part of the decomposition is non-zero somewhere
         model.last_layer.weight.add_(0.3 * torch.randn_like(fitted))
     try:
-        expl = explain(model, x, top=2)
+        expl = explain(model, x, top=1)  # 2 prototypes per class: the other own one is in own_rest
         logits = model(x)
     finally:
         with torch.no_grad():
@@ -212,3 +212,25 @@ def test_quality_result_carries_the_evidence_share(tmp_path):
     q.save(tmp_path / "q.json")
     back = PrototypeQuality.load(tmp_path / "q.json")
     assert back == q and back.metrics()["own_class_evidence_share"] == 0.95
+
+
+def test_prototype_maps_are_the_top_prototypes_weighted_similarity_maps(pushed_toy):
+    """PrototypeMaps by hand: sum over the 3 largest positive contributions sim_j w_cj of w_cj x similarity map j,
+    upsampled (its pointing game on shapes is measured by the attribution callback of the default run)."""
+    from algorithms.attribution import PrototypeMaps
+    from algorithms.attribution.maps import upsample
+    model, data = pushed_toy
+    x01, y = data.vis_dataset("val")[:]
+    x = data.normalize(x01)
+    maps = PrototypeMaps(model).attribute(x, y)
+    with torch.no_grad():
+        sim_maps = model.similarity_maps(x)
+        sim = sim_maps.flatten(2).amax(2)
+        w = model.last_layer.weight[y]
+        expected = []
+        for i in range(len(x)):  # the plain loop as the reference
+            contrib = sim[i] * w[i]
+            order = contrib.argsort(descending=True)[:3]
+            expected.append(sum(w[i, j] * sim_maps[i, j] for j in order if contrib[j] > 0))
+        expected = upsample(torch.stack(expected)[:, None], x.shape[-2:])
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-5)
