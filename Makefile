@@ -29,8 +29,15 @@ $(STAMP): pyproject.toml $(LOCK) $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(V
 train: install
 	$(PYTHON) train.py $(ARGS)
 
+# Headless chromium for the report's browser tests (tests/test_report_browser.py): Debian's packages, installed
+# once when missing (as root, or through sudo).
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { SUDO=$$(command -v sudo || true); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
 # Two pytest workers on the 2 cores; each worker keeps torch to one thread (tests/conftest.py).
-test: install
+test: install browser
 	$(PYTHON) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install

@@ -251,6 +251,45 @@ def varying_overrides(runs: list[Run]) -> list[list[str]]:
     return [[f"{k}={d[k]}" for k in varying if k in d] for d in keyed]
 
 
+def group_resumed(runs: list[Run]) -> list[Run]:
+    """Runs continued in another folder (`ckpt_path=<earlier run>/checkpoints/last.ckpt`) sit next to the run they
+    continue: they share metrics.json "run_id", and "resumed_from" names the earlier folder (a run killed before it
+    wrote metrics.json is found that way). The earlier runs are marked as continued, and all of a lineage take the
+    data set and model recorded by its latest run, so a killed run is never read as another data set (its checkpoint
+    was checked to match when the resume started)."""
+    def record(run: Run) -> dict:
+        try:
+            payload = json.loads((run.path / "metrics.json").read_text())
+            return payload if isinstance(payload, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    info = {id(r): record(r) for r in runs}
+    by_path = {r.path.resolve(): r for r in runs}
+    lineage = {id(r): info[id(r)].get("run_id") or str(r.path.resolve()) for r in runs}
+    for r in runs:  # follow "resumed_from" to an earlier folder among the inputs
+        earlier_dir = (info[id(r)].get("resumed_from") or {}).get("run_dir")
+        earlier = by_path.get(Path(earlier_dir).resolve()) if earlier_dir else None
+        if earlier is not None and earlier is not r:
+            old, new = lineage[id(earlier)], lineage[id(r)]
+            lineage = {k: (new if v == old else v) for k, v in lineage.items()}
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(lineage[id(r)], []).append(r)
+    ordered: list[Run] = []
+    for members in groups.values():
+        members.sort(key=lambda r: str(info[id(r)].get("started") or ""))
+        latest = members[-1]
+        for r in members[:-1]:
+            r.status = f"{r.status}, resumed in {latest.name}"
+            r.dataset, r.model = latest.dataset, latest.model
+        if len(members) > 1:
+            print(f"note: {' -> '.join(r.name for r in members)} are one run (id "
+                  f"{info[id(latest)].get('run_id') or '?'}), resumed from its checkpoint", file=sys.stderr)
+        ordered += members
+    return ordered
+
+
 def group_by_dataset(runs: list[Run]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = {}
     for r in runs:
@@ -410,7 +449,7 @@ def print_report(runs: list[Run], cols: list[str], labels: list[list[str]], titl
 def compare(inputs: list[Path], out: Path | None = None, metrics: list[str] | None = None,
             wandb_project: str | None = None, wandb_group: str | None = None, quiet: bool = False) -> Path:
     """Build the comparison; returns the output folder. Raises CompareError when nothing can be compared."""
-    runs = from_wandb(wandb_project, wandb_group) if wandb_project else gather(inputs)
+    runs = from_wandb(wandb_project, wandb_group) if wandb_project else group_resumed(gather(inputs))
     if out is None:
         if not inputs:
             raise CompareError("--out is required with --wandb")

@@ -78,6 +78,16 @@ class FileImages(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def verify(self, split: str) -> None:
+        """Check every file's header and structure once (PIL's verify, no full decode: ~0.3 ms a file), so that a
+        corrupt or non-image file is reported before training, not when the test split is read after it."""
+        for path in self.paths:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except (OSError, ValueError, SyntaxError) as e:
+                raise DataError(f"cannot read image {path} ({split} split): {e}. {self.hint}".strip()) from e
+
     def __getitem__(self, i):
         box = None if self.boxes is None else self.boxes[i]
         arr = read_image(self.paths[i], self.channels, box, self.image_size, self.hint)
@@ -158,6 +168,12 @@ class BaseDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir).expanduser()
+        for folder in (self.data_dir, *self.data_dir.parents):
+            if folder.exists():
+                if not folder.is_dir():  # else mkdir would report only "File exists" much later
+                    raise DataError(f"datamodule.data_dir={data_dir}: {folder} is a file, not a folder; move it away "
+                                    f"or point datamodule.data_dir (paths.data_dir, INTERP_DATA_DIR) at a folder")
+                break
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
         self.augment, self.shift, self.hflip, self.seed = bool(augment), int(shift), bool(hflip), int(seed)
         # What the config asked for; checked against the data in setup().
@@ -195,6 +211,12 @@ class BaseDataModule(pl.LightningDataModule):
         if self._sources is not None:
             return
         sources, class_names = self._load()
+        verified: set[int] = set()
+        for split in SPLITS:  # files read on demand: a bad one is found now, not after training
+            source = sources.get(split)
+            if isinstance(source, FileImages) and id(source) not in verified:
+                source.verify(split)
+                verified.add(id(source))
         self._check_config("num_classes", len(class_names))
         for split in SPLITS:
             if split not in sources or len(sources[split]) == 0:
@@ -223,17 +245,46 @@ class BaseDataModule(pl.LightningDataModule):
             self.setup()
         return self._sources[split]
 
-    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None, drop_last: bool = False):
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None, drop_last: bool = False,
+                generator: torch.Generator | None = None):
+        # Every loader draws from a generator of its own, never from torch's global one: a DataLoader draws a seed
+        # from its generator each time it is iterated, even unshuffled, so loaders iterated at epoch boundaries (the
+        # ProtoPNet push, interpretation probes) would otherwise shift the training shuffle and augmentations
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, drop_last=drop_last)
+                          persistent_workers=self.num_workers > 0, drop_last=drop_last,
+                          generator=generator if generator is not None else torch.Generator())
+
+    @property
+    def train_generator(self) -> torch.Generator:
+        """The training shuffle's generator: seeded once from the (seed_everything-seeded) global generator, so the
+        run's `seed` decides the order; its state travels in every checkpoint (state_dict below), so a resumed run
+        draws the same order for its next epoch as the uninterrupted run would."""
+        if getattr(self, "_train_generator", None) is None:
+            self._train_generator = torch.Generator()
+            if getattr(self, "_train_generator_state", None) is not None:  # resumed: no draw from the global one
+                self._train_generator.set_state(self._train_generator_state)
+            else:
+                self._train_generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        return self._train_generator
+
+    def state_dict(self) -> dict:
+        return {"train_generator": self.train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("train_generator")
+        if state is not None:
+            self._train_generator_state = state
+            if getattr(self, "_train_generator", None) is not None:
+                self._train_generator.set_state(state)
 
     def train_dataloader(self):
         source = self._source("train")
         split = ImageSplit(source, self.mean, self.std, hflip=self.augment and self.hflip,
                            shift=self.shift if self.augment else 0)
         # Dropping a ragged last batch keeps BatchNorm from ever seeing a batch of one.
-        return self._loader(split, shuffle=True, drop_last=len(split) > self.batch_size)
+        return self._loader(split, shuffle=True, drop_last=len(split) > self.batch_size,
+                            generator=self.train_generator)
 
     def val_dataloader(self):
         return self._loader(ImageSplit(self._source("val"), self.mean, self.std), shuffle=False)

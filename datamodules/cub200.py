@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule, FileImages, stratified_split
-from datamodules.errors import DataError
+from datamodules.errors import DataError, network_failure
 
 URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
 ARCHIVE = "CUB_200_2011.tgz"
@@ -47,7 +47,14 @@ class CUB200DataModule(BaseDataModule):
     def prepare_data(self):
         if self.download and not (self.root / "images.txt").exists():
             from torchvision.datasets.utils import download_and_extract_archive
-            download_and_extract_archive(URL, str(self.data_dir), filename=ARCHIVE, md5=ARCHIVE_MD5)
+            try:
+                download_and_extract_archive(URL, str(self.data_dir), filename=ARCHIVE, md5=ARCHIVE_MD5)
+            except Exception as e:  # noqa: BLE001 - every download failure gets the same instructions
+                reason = network_failure(e) or f"{type(e).__name__}: {e}"
+                raise DataError(f"cannot download CUB-200-2011 from {URL} ({reason}): no network? Download {ARCHIVE} "
+                                f"on a machine with internet access and extract it into {self.data_dir} (it must "
+                                f"give {self.data_dir / 'CUB_200_2011' / 'images.txt'}), then set "
+                                f"datamodule.download=false") from e
 
     def _table(self, name: str, ncols: int) -> dict[int, list[str]]:
         path = self.root / name

@@ -26,10 +26,20 @@ class ImageFolderDataModule(BaseDataModule):
             raise DataError(f"datamodule.channels={channels}: image folders are read as grey (1) or RGB (3)")
         super().__init__(data_dir, image_size=image_size, channels=channels, hflip=hflip, **kwargs)
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        if self.num_classes is None:
+            # the class count is the number of class folders in train/: read now (a directory listing), so that the
+            # model, built before the data is set up, gets it through ${datamodule.num_classes}
+            train_dir = self.data_dir / "train"
+            if train_dir.is_dir():
+                self.num_classes = len(self._class_folders(train_dir)) or None
+
+    @staticmethod
+    def _class_folders(tree: Path) -> list[str]:
+        return sorted(d.name for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
 
     def _scan(self, tree: Path, classes: list[str] | None):
         """(paths, labels, class names) of one tree; classes=None takes them from the tree's folders."""
-        folders = sorted(d.name for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
+        folders = self._class_folders(tree)
         if classes is None:
             classes = folders
         unknown = [d for d in folders if d not in classes]

@@ -22,7 +22,7 @@ from torchvision import datasets
 from torchvision.datasets.utils import extract_archive
 
 from datamodules.base import BaseDataModule, TensorImages, stratified_split
-from datamodules.errors import DataError
+from datamodules.errors import DataError, network_failure
 
 
 class _TorchvisionDataModule(BaseDataModule):
@@ -79,6 +79,15 @@ class _TorchvisionDataModule(BaseDataModule):
             raise
         except (RuntimeError, OSError, ValueError, TypeError, AssertionError, EOFError, KeyError,
                 IndexError) as e:  # what torchvision's parsers raise on truncated or foreign files
+            reason = network_failure(e) if download else None
+            if reason is not None:
+                raise DataError(f"cannot download {self.name} ({reason}): no network? Fetch the files on a machine "
+                                f"with internet access and copy them into {self._folder()}: "
+                                f"{', '.join(self._required())} (or their archives, see the module docstring), then "
+                                f"set datamodule.download=false") from e
+            if not any((self._folder() / f).is_file() for f in self._required()):
+                raise DataError(f"cannot read {self.name} from {self._folder()}: {type(e).__name__}: {e}. "
+                                f"No data files are there. To fix: {self._fix()}") from e
             raise DataError(f"cannot read {self.name} from {self._folder()}: {type(e).__name__}: {e}. "
                             f"The files look corrupt; delete them and {self._fix()}") from e
 

@@ -19,6 +19,7 @@ Both give the exact top-K. With K = D the layer is exactly `F.linear`.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,9 @@ class DynamicKLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, k: int):
         super().__init__()
+        if isinstance(k, bool) or not (isinstance(k, numbers.Integral) or isinstance(k, float) and k.is_integer()):
+            # int(2.7) would silently train with K=2
+            raise ConfigError(f"model.k={k!r}: K counts connections, so it must be an integer in [1, {in_features}]")
         if not 1 <= int(k) <= int(in_features):
             raise ConfigError(f"model.k={k}: the Dynamic-K head selects K of the {in_features} pooled features per "
                               f"class, so K must lie in [1, {in_features}] (the paper uses 5 on Places365)")

@@ -33,11 +33,13 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 CONF = str(ROOT / "conf")
 
 
-def compose_config(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
-    """Compose conf/train.yaml like `python train.py <overrides>` would, with the run folder at `output_dir`."""
+def compose_config(overrides: list[str] | None = None, output_dir: Path | None = None,
+                   config_name: str = "train") -> DictConfig:
+    """Compose conf/<config_name>.yaml like `python train.py <overrides>` (or interpret.py) would, with the run folder
+    at `output_dir`."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = hydra_compose("train", overrides=list(overrides or []), return_hydra_config=True)
+        cfg = hydra_compose(config_name, overrides=list(overrides or []), return_hydra_config=True)
     if output_dir is not None:
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(output_dir)

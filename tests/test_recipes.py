@@ -20,7 +20,7 @@ from tests.data_fixtures import write_cub, write_mnist, write_places365_easyform
 EXPERIMENTS = ROOT / "conf" / "experiment"
 PAPER_RECIPES = ("protopnet_vgg19_cub", "protopnet_resnet34_cub", "capsnet_mnist", "dynconn_resnet18_places365",
                  "icnn_vgg16_cub", "netdissect_resnet18_broden")
-# training recipes -> the tiny data set they read (netdissect is for interpret.py: composed here, run there)
+# training recipes -> the tiny data set they read (netdissect is for interpret.py: composed here, run by tests/test_interpret.py)
 TRAINING = {"protopnet_vgg19_cub": "cub", "protopnet_resnet34_cub": "cub", "icnn_vgg16_cub": "cub",
             "capsnet_mnist": "mnist", "dynconn_resnet18_places365": "places365"}
 
