@@ -114,6 +114,20 @@ def lipschitz_bound(sims: Tensor, l2: float = 0.0) -> float:
 
 def fit_last_layer(sims: Tensor, labels: Tensor, off_class: Tensor, l1: float, l2: float = 0.0,
                    weight0: Tensor | None = None, max_iter: int = 5000, tol: float = 1e-6) -> LastLayerFit:
+    """FISTA on F (see `_fista`). On the CPU with one intra-op thread: the problem's ops are small, and a thread
+    pool that waits for descheduled workers made the solve 3-4x slower on the shared 2-core machine (docs)."""
+    if sims.device.type != "cpu":
+        return _fista(sims, labels, off_class, l1, l2, weight0, max_iter, tol)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fista(sims, labels, off_class, l1, l2, weight0, max_iter, tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fista(sims: Tensor, labels: Tensor, off_class: Tensor, l1: float, l2: float, weight0: Tensor | None,
+           max_iter: int, tol: float) -> LastLayerFit:
     """Minimise F (module docstring) over W [K, m] by FISTA with backtracking and restart, from weight0 (default 0).
 
     sims [N, m], labels [N] long, off_class [K, m] (`off_class_mask`), l1 = lambda, l2 = mu. Computed in float64 on the
