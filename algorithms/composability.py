@@ -41,12 +41,13 @@ from core.probe import model_device, scores_fn
 from core.protocol import RoutedUnitHead, UnitHead, describe_missing
 
 
-def routed_evidence(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+def routed_evidence(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, units=None):
     """(evidence s [B, D] for the predicted class, routed mask [B, D], predicted class [B], weights [K, D]).
 
     bias: the head's image-independent b [K] (`head_bias`); with it the class scores are the routed evidence plus b
-    and the batch costs one pass through the network (without it, class_scores runs as well)."""
-    acts, weights = module.unit_contributions(x)
+    and the batch costs one pass through the network (without it, class_scores runs as well). units: the output of
+    `unit_contributions(x)` when already computed (the epoch's shared probe pass, algorithms/probe_pass.py)."""
+    acts, weights = units if units is not None else module.unit_contributions(x)
     mask = module.routed_mask(acts) if isinstance(module, RoutedUnitHead) else None
     if bias is None:
         scores = scores_fn(module)(x)
@@ -157,7 +158,7 @@ def compose(module: nn.Module, loader, dissection: DissectionResult, class_names
             x = batch["image"].to(device)
             if bias is None:
                 bias = head_bias(module, x)
-            s, routed, pred, weights = routed_evidence(module, x, bias)
+            s, routed, pred, weights = routed_evidence(module, x, bias, batch.get("units"))
             if s.shape[1] != dissection.num_units:
                 raise ValueError(f"the model has {s.shape[1]} units in unit_contributions but layer "
                                  f"{dissection.layer!r} has {dissection.num_units}; set {option} to the layer "

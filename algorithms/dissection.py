@@ -35,6 +35,7 @@ from algorithms.dissection_result import DissectionEpoch, DissectionResult  # no
 from algorithms.dissection_stats import (IOU_THRESHOLD, TOP_QUANTILE, concept_masks,  # noqa: F401 (re-exported)
                                          direction_sums, exact_quantile, iou_statistics, quantile_from_top,
                                          threshold_rank)
+from algorithms.probe_pass import batch_maps
 from algorithms.probe_sets import (DissectionError, base_dataset, check_probe_dataset,  # noqa: F401 (re-exported)
                                    open_broden)
 from core import distributed as D
@@ -54,6 +55,11 @@ def layer_maps(model: nn.Module, points: Mapping[str, P.HookPoint], x: torch.Ten
     """The maps of every layer in `points` from one forward pass that stops after the last of them."""
     acts = P.capture(model, None, x, points=points).acts
     return OrderedDict((n, spatial(a, n)) for n, a in acts.items())
+
+
+def probe_maps(model: nn.Module, points: Mapping[str, P.HookPoint], batch: dict) -> "OrderedDict[str, Any]":
+    """A probe batch's maps: those of the epoch's shared probe pass (algorithms/probe_pass.py), else computed."""
+    return OrderedDict((n, spatial(a, n)) for n, a in batch_maps(model, points, batch).items())
 
 
 def _merge_top(values: torch.Tensor | None, new: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,8 +84,9 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
     """Dissect `layers` of `model` (probe layer names, core/protocol.py; None = the default probe layer) over the
     probe batches of `loader`; returns {layer name: DissectionResult}.
 
-    The loader yields Broden items (dicts with image, seg, image_labels, index). Under torch.distributed each rank
-    passes its own shard; thresholds, counts and top images are reduced so every rank returns the same result.
+    The loader yields Broden items (dicts with image, seg, image_labels, index; with "maps" when it is the epoch's
+    shared algorithms.probe_pass.ProbePass, whose maps are used instead of a forward pass). Under torch.distributed
+    each rank passes its own shard; thresholds, counts and top images are reduced so every rank returns the same result.
     One forward pass: the layer maps (and labels) are kept in memory for the IoU pass when they fit in `cache_mb`,
     otherwise the probe set is read a second time. Concept metadata defaults to the loader's dataset's attributes.
     An unknown layer name raises a ConfigError naming `option` and the valid names.
@@ -109,7 +116,7 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
     try:
         for batch in wrap(loader, "features"):
             x = batch["image"].to(device, non_blocking=True)
-            feats = layer_maps(model, points, x)
+            feats = probe_maps(model, points, batch)
             b = x.shape[0]
             index = batch.get("index", torch.arange(n_local, n_local + b)).to(device).long()
             n_local += b
@@ -178,8 +185,7 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
                 accumulate(feats, seg, image_labels)
         else:
             for batch in wrap(loader, "IoU (second pass)"):
-                accumulate(layer_maps(model, points, batch["image"].to(device)), batch["seg"],
-                           batch.get("image_labels"))
+                accumulate(probe_maps(model, points, batch), batch["seg"], batch.get("image_labels"))
     except Exception as err:  # noqa: BLE001 - re-raised below on every rank together
         error = err
     D.raise_together(error, device)

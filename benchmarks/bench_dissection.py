@@ -1,16 +1,18 @@
 """Network dissection speed.
 
-1. Dissection wall time / one plain forward pass over the same probe images, in the setting the public
-   NetDissect-Lite was measured in (3.8x a forward pass): resnet18 layer4, 200 images at 224 px, 112x112 masks
-   (synthetic Broden items: 4 label maps, 25 concepts, one image-level label). Target <= 1.5.
+1. Dissection wall time / one plain forward pass over the same probe images (both interleaved, median and min-max
+   of the per-round ratio): resnet18 layer4, 200 images at 224 px, 112x112 masks (synthetic Broden items held in
+   memory: 4 label maps, 25 concepts, one image-level label; the real path also decodes images and masks from disk,
+   which this does not time). Target <= 1.5. NetDissect-Lite is not installable from a registry: no ratio of it.
 2. Per-epoch callback time (every interpretation callback of callbacks=default that applies) / training epoch time
-   in the default config (`python train.py`: ProtoPNet on shapes). Target <= 0.2.
+   in the default config (`python train.py`: ProtoPNet on shapes). Target <= 0.1.
 
     python benchmarks/bench_dissection.py [--images 200] [--skip-default] [--skip-resnet]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -57,19 +59,22 @@ def bench_resnet(n_images: int, batch_size: int, repeat: int = 3):
         for batch in loader:
             model(batch["image"])
 
-    # interleaved, best of `repeat` each: the machine is shared, and load bursts would otherwise hit one side only
+    # interleaved rounds: the machine is shared, and load bursts would otherwise hit one side only
     forward()
-    t_forward = t_dissect = float("inf")
+    rounds = []
     for _ in range(repeat):
-        t_forward = min(t_forward, timeit(forward, repeat=1, warmup=0))
-        t_dissect = min(t_dissect, timeit(lambda: dissect(model, ["backbone.layer4"], loader), repeat=1, warmup=0))
+        f = timeit(forward, repeat=1, warmup=0)
+        rounds.append((f, timeit(lambda: dissect(model, ["backbone.layer4"], loader), repeat=1, warmup=0)))
+    ratios = sorted(d / f for f, d in rounds)
+    t_forward, t_dissect = statistics.median(f for f, _ in rounds), statistics.median(d for _, d in rounds)
     res = dissect(model, ["backbone.layer4"], loader)["backbone.layer4"]
     print(f"resnet18 layer4, {n_images} images 224px, masks 112x112, {res.num_units} units, "
           f"{len(probe.concept_names) - 1} concepts, {torch.get_num_threads()} threads")
     print(f"  forward pass      {t_forward:8.2f} s")
     print(f"  dissection        {t_dissect:8.2f} s")
-    print(f"  ratio dissection / forward = {t_dissect / t_forward:.2f}   (target <= 1.5; NetDissect-Lite 3.8)")
-    return t_dissect / t_forward
+    print(f"  ratio dissection / forward = {statistics.median(ratios):.2f} (min-max {ratios[0]:.2f}-{ratios[-1]:.2f}, "
+          f"{len(ratios)} interleaved rounds; target <= 1.5)")
+    return statistics.median(ratios)
 
 
 def bench_default_run(epochs: int):
@@ -126,7 +131,7 @@ def bench_default_run(epochs: int):
     worst = max((sum(s.get(e, 0.0) for s in spent.values()) / timer.epoch[e] for e in runs), default=0.0)
     amortised = total_cb / total_epoch
     print(f"  worst single epoch: ratio {worst:.3f}; per epoch on average (callback time / training time over the "
-          f"run) {amortised:.3f}   (target <= 0.2) {'OK' if amortised <= 0.2 else 'ABOVE TARGET'}")
+          f"run) {amortised:.3f}   (target <= 0.1) {'OK' if amortised <= 0.1 else 'ABOVE TARGET'}")
     return amortised
 
 

@@ -42,8 +42,8 @@ class AttributionCallback(InterpretationCallback):
                  max_images: int = 64, num_render: int = 8,
                  deletion_steps: int = 10, deletion_methods: Sequence[str] | None = ("gradcam",),
                  sanity_method: str | None = "gradcam", sanity_layers: int = 1, sanity_size: int = 32,
-                 pointing_tolerance: float = 0.067, split: str = "val", seed: int = 0, every_n_epochs: int = 3,
-                 **kwargs):
+                 pointing_tolerance: float = 0.067, split: str = "val", seed: int = 0, every_n_epochs: int = 1,
+                 render_every_n_epochs: int = 5, **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
         for key, names in (("methods", methods), ("render_methods", render_methods),
                            ("deletion_methods", deletion_methods or []),
@@ -64,6 +64,7 @@ class AttributionCallback(InterpretationCallback):
                               f"deletion curve is computed every run)")
         self.max_images = check_int(max_images, self.option("max_images"), 1)
         self.num_render = check_int(num_render, self.option("num_render"), 0)
+        self.render_every_n_epochs = check_int(render_every_n_epochs, self.option("render_every_n_epochs"), 1)
         self.sanity_layers = check_int(sanity_layers, self.option("sanity_layers"), 1)
         self.sanity_size = check_int(sanity_size, self.option("sanity_size"), 2)
         try:
@@ -133,7 +134,8 @@ class AttributionCallback(InterpretationCallback):
         if self.is_rank_zero:
             out = self.epoch_dir(trainer, epoch)
             result.save(out / "metrics.json")
-            self._render(trainer, module, ds, masks, out, keep(self.render_methods))
+            if self.render_due(trainer, self.render_every_n_epochs):
+                self._render(trainer, module, ds, masks, out, keep(self.render_methods))
         return result.flat()
 
     def _render(self, trainer, module, ds, masks, out, methods):

@@ -31,7 +31,7 @@ class ComposabilityCallback(InterpretationCallback):
     depends_on = ("dissection",)
 
     def __init__(self, layer: str | None = None, min_share: float = 0.1, evidence_share: float = 0.9,
-                 ibd_terms: int = 5, every_n_epochs: int = 3, run_on_last_epoch: bool = True, batch_size: int = 100,
+                 ibd_terms: int = 5, every_n_epochs: int = 1, run_on_last_epoch: bool = True, batch_size: int = 100,
                  **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, run_on_last_epoch=run_on_last_epoch, batch_size=batch_size,
                          **kwargs)
@@ -61,6 +61,8 @@ class ComposabilityCallback(InterpretationCallback):
         point = P.resolve(module, layer, option=self._layer_option(module))
         dissection = self.provider(trainer, "dissection")
         probe = dissection.probe_dataset(trainer)
+        # the unit layer's maps and unit_contributions come from dissection's probe pass of each epoch
+        dissection.share_probe_pass([layer], units=True)
         if probe is None:  # the dissection callback warns about it
             if D.is_rank_zero() and not self._said_off:
                 log.info("%s: off for this run (no concept probe set for the dissection labels)",
@@ -83,7 +85,7 @@ class ComposabilityCallback(InterpretationCallback):
         dissection_cb = self.provider(trainer, "dissection")
         dissection = dissection_cb.result(trainer, module, epoch, layer)
         probe = dissection_cb.probe_dataset(trainer)
-        result = compose(module, self.loader(self.shard(probe)), dissection,
+        result = compose(module, dissection_cb.probe_batches(trainer, module, epoch), dissection,
                          class_names=getattr(getattr(trainer, "datamodule", None), "class_names", None),
                          class_concepts=getattr(probe, "class_concepts", None), min_share=self.min_share,
                          evidence_share=self.evidence_share, ibd_terms=self.ibd_terms,

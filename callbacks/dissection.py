@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from algorithms.dissection import DissectionEpoch, DissectionResult, dissect, layer_maps
 from algorithms.dissection_render import render_gallery, render_summary
+from algorithms.probe_pass import ProbePass
 from algorithms.dissection_stats import IOU_THRESHOLD, TOP_QUANTILE
 from algorithms.probe_sets import DissectionError, check_probe_dataset, open_broden, probe_view
 from callbacks.base import InterpretationCallback, check_fraction, check_int
@@ -44,7 +45,7 @@ class DissectionCallback(InterpretationCallback):
     def __init__(self, layers: str | Sequence[str] | None = None, probe: str | None = None,
                  probe_split: str = "val", probe_size: int | None = 300, quantile: float = TOP_QUANTILE,
                  iou_threshold: float = IOU_THRESHOLD, top_images: int = 5, gallery_units: int = 8,
-                 render_every_n_runs: int = 2, every_n_epochs: int = 3, run_on_last_epoch: bool = True,
+                 render_every_n_epochs: int = 5, every_n_epochs: int = 1, run_on_last_epoch: bool = True,
                  batch_size: int = 100, cache_mb: float = 2048.0, **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, run_on_last_epoch=run_on_last_epoch, batch_size=batch_size,
                          **kwargs)
@@ -53,13 +54,16 @@ class DissectionCallback(InterpretationCallback):
         self.probe_size = probe_size
         self.quantile, self.iou_threshold = quantile, iou_threshold
         self.top_images, self.gallery_units = top_images, gallery_units
-        self.render_every_n_runs, self.cache_mb = render_every_n_runs, cache_mb
+        self.render_every_n_epochs, self.cache_mb = render_every_n_epochs, cache_mb
         self.check_settings()
         self._probe_cache: Dataset | None = None
         self._warned = False
         self.results: "OrderedDict[str, DissectionResult]" = OrderedDict()   # the last run's
         self.results_epoch: int | None = None
         self.num_runs = 0
+        # what other callbacks read from the epoch's shared probe pass (share_probe_pass)
+        self._shared_layers: list[str] = []
+        self._shared_units = False
 
     # ----- settings ---------------------------------------------------------------------------------------------
     def check_settings(self) -> None:
@@ -69,7 +73,7 @@ class DissectionCallback(InterpretationCallback):
         self.probe_size = check_int(self.probe_size, self.option("probe_size"), 1, allow_none=True)
         self.top_images = check_int(self.top_images, self.option("top_images"), 1)
         self.gallery_units = check_int(self.gallery_units, self.option("gallery_units"), 0)
-        self.render_every_n_runs = check_int(self.render_every_n_runs, self.option("render_every_n_runs"), 1)
+        self.render_every_n_epochs = check_int(self.render_every_n_epochs, self.option("render_every_n_epochs"), 1)
         try:
             self.cache_mb = float(self.cache_mb)
         except (TypeError, ValueError):
@@ -147,7 +151,7 @@ class DissectionCallback(InterpretationCallback):
                     layers: Sequence[str] | None = None) -> "OrderedDict[str, DissectionResult]":
         """The dissection of `layers` (default: the configured ones) at `epoch`, computed once per epoch."""
         names = self.layer_names(module) if layers is None else list(layers)
-        return self.memo(epoch, ("dissect", tuple(names)), lambda: self._dissect(trainer, module, names))
+        return self.memo(epoch, ("dissect", tuple(names)), lambda: self._dissect(trainer, module, names, epoch))
 
     def result(self, trainer, module, epoch: int, layer: str) -> DissectionResult:
         """One layer's dissection at `epoch` (for callbacks that depend on dissection). A configured layer comes
@@ -155,12 +159,32 @@ class DissectionCallback(InterpretationCallback):
         configured = self.layer_names(module)
         return self.dissections(trainer, module, epoch, configured if layer in configured else [layer])[layer]
 
-    def _dissect(self, trainer, module, names: list[str]) -> "OrderedDict[str, DissectionResult]":
+    def share_probe_pass(self, layers: Sequence[str] = (), units: bool = False) -> None:
+        """Called by a dependent callback before training: the epoch's probe pass also captures `layers` (and the
+        output of `unit_contributions` when `units`), so it reads them from there instead of its own pass."""
+        self._shared_layers += [n for n in layers if n not in self._shared_layers]
+        self._shared_units = self._shared_units or bool(units)
+
+    def probe_batches(self, trainer, module, epoch: int):
+        """This rank's probe batches for `epoch`: the shared algorithms.probe_pass.ProbePass (one forward pass over
+        the probe set for dissection and its dependents, computed once per epoch), or the plain loader when the
+        captured maps would exceed cache_mb."""
         probe = self._probe(trainer, module)
         if probe is None:
             raise DissectionError(f"{self.option('probe')}: no concept probe set (the datamodule has none); set it "
                                   f"to a Broden folder or use datamodule=shapes")
-        return dissect(module, names, self.loader(self.shard(probe)), quantile=self.quantile,
+        loader = self.loader(self.shard(probe))
+
+        def build():
+            names = self.layer_names(module) + [n for n in self._shared_layers if n not in self.layer_names(module)]
+            points = P.resolve(module, names, option=self.option("layers"))
+            return ProbePass.build(module, points, loader, units=self._shared_units, max_mb=self.cache_mb,
+                                   progress=lambda it, desc: self.progress(it, desc))
+        shared = self.memo(epoch, "probe_pass", build)
+        return shared if shared is not None else loader
+
+    def _dissect(self, trainer, module, names: list[str], epoch: int) -> "OrderedDict[str, DissectionResult]":
+        return dissect(module, names, self.probe_batches(trainer, module, epoch), quantile=self.quantile,
                        iou_threshold=self.iou_threshold, top_n=self.top_images, cache_mb=self.cache_mb,
                        progress=lambda it, desc: self.progress(it, desc), option=self.option("layers"))
 
@@ -191,7 +215,7 @@ class DissectionCallback(InterpretationCallback):
     def write_outputs(self, trainer, module, results, probe, epoch):
         out = self.epoch_dir(trainer, epoch)
         DissectionEpoch(results, epoch).save(out / "dissection.json")
-        render = (self.num_runs - 1) % self.render_every_n_runs == 0 or self._is_last(trainer)
+        render = self.render_due(trainer, self.render_every_n_epochs)
         images = []
         for layer, res in results.items():
             res.write_csv(out / f"{_safe(layer)}.csv")
@@ -207,9 +231,6 @@ class DissectionCallback(InterpretationCallback):
         if images:
             self.log_images(trainer, "summary", images)
 
-    @staticmethod
-    def _is_last(trainer) -> bool:
-        return trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
 
 
 def _safe(name: str) -> str:

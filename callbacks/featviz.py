@@ -23,7 +23,10 @@ class FeatureVisualizationCallback(InterpretationCallback):
     top-`k_patches` activating probe patches per unit (probe images sharded, the candidates gathered). Rank 0
     writes units.png / classes.png / filters.png / patches.png and featviz.json.
 
-    Units are optimised before the layer's last ReLU (`pre_relu`) and measured after it. Metrics:
+    Warm start: a run continues from the previous run's parametrisation for `warm_steps` steps (null: every run
+    starts from noise for `steps`); every `restart_every_n_epochs`-th epoch (null: never) starts from noise again.
+    The gain stays measured against the noise image. Units are optimised before the layer's last ReLU (`pre_relu`)
+    and measured after it. Metrics:
     interp/featviz/activation_gain_{min,median} (final / initial mean channel activation on the untransformed image,
     the initial one floored at GAIN_FLOOR), interp/featviz/activation_final_mean, and
     interp/featviz/activation_vs_data_min (final / the unit's mean activation over the probe images).
@@ -35,7 +38,9 @@ class FeatureVisualizationCallback(InterpretationCallback):
                  lr: float = 0.05, parametrisation: str = "fourier", decorrelate: bool = True,
                  transforms: bool = True, pre_relu: bool = True, k_patches: int = 6,
                  patch_size: int | None = None, max_images: int = 256,
-                 split: str = "val", seed: int = 0, every_n_epochs: int = 4, **kwargs):
+                 split: str = "val", seed: int = 0, warm_steps: int | None = 8,
+                 restart_every_n_epochs: int | None = None, every_n_epochs: int = 1, render_every_n_epochs: int = 5,
+                 **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
         if parametrisation not in PARAMETRISATIONS:
             raise ConfigError(f"{self.option('parametrisation')}={parametrisation!r}: choose from "
@@ -52,6 +57,12 @@ class FeatureVisualizationCallback(InterpretationCallback):
         self.parametrisation, self.decorrelate, self.transforms = parametrisation, bool(decorrelate), bool(transforms)
         self.pre_relu = bool(pre_relu)
         self.split, self.seed = split, int(seed)
+        self.warm_steps = check_int(warm_steps, self.option("warm_steps"), 1, allow_none=True)
+        self.restart_every_n_epochs = check_int(restart_every_n_epochs, self.option("restart_every_n_epochs"), 1,
+                                                allow_none=True)
+        self.render_every_n_epochs = check_int(render_every_n_epochs, self.option("render_every_n_epochs"), 1)
+        # the last run's parametrisation (what the next run continues from) and what it was for
+        self._warm: dict | None = None
 
     # ----- before training ------------------------------------------------------------------------------------
     def validate(self, trainer, module, datamodule) -> None:
@@ -79,16 +90,22 @@ class FeatureVisualizationCallback(InterpretationCallback):
         channels, size = x0.shape[1], x0.shape[-1]
         values = torch.zeros(len(mine), 2, device=device)  # initial, final activation (or class score)
         images = torch.zeros(len(mine), channels, size, size, device=device)
+        steps = self.steps
         if mine:
             colour_sqrt = self._colour_sqrt(ds) if channels == 3 and self.decorrelate else None
             gen = torch.Generator().manual_seed(self.seed + 7919 * D.rank())
-            param = PARAMETRISATIONS[self.parametrisation](len(mine), channels, size, decorrelate=self.decorrelate,
-                                                          colour_sqrt=colour_sqrt, device=device, generator=gen)
+            make = lambda: PARAMETRISATIONS[self.parametrisation](  # noqa: E731
+                len(mine), channels, size, decorrelate=self.decorrelate, colour_sqrt=colour_sqrt, device=device,
+                generator=gen)
+            noise = make()
+            param, steps = self._warm_start(make, noise, (layer, tuple(mine), channels, size), epoch)
             values, images = visualize_units(
-                module, layer, mine, param, steps=self.steps, lr=self.lr,
+                module, layer, mine, param, steps=steps, lr=self.lr,
                 transforms=standard_transforms(size / 224) if self.transforms else None, normalize=normalize,
                 pre_relu=self.pre_relu, seed=self.seed + D.rank(),
-                progress=lambda it: self.progress(it, "optimise", total=self.steps))
+                progress=lambda it: self.progress(it, "optimise", total=steps), initial=noise)
+            self._warm = {"key": (layer, tuple(mine), channels, size), "state": {
+                k: v.detach().clone() for k, v in param.state_dict().items()}}
         values, images = D.all_gather_cat(values), D.all_gather_cat(images)
 
         # ---- maximally activating patches: probe images sharded, candidates gathered --------------------------
@@ -104,12 +121,31 @@ class FeatureVisualizationCallback(InterpretationCallback):
         top = top._replace(values=vals, indices=idx, positions=pos)
         data_mean = D.all_reduce_sum(top.mean_sum) / max(1, len(ds))  # mean channel activation over the probe set
 
-        result = featviz_result(layer, jobs, values, data_mean, top, steps=self.steps,
+        result = featviz_result(layer, jobs, values, data_mean, top, steps=steps,
                                 parametrisation=self.parametrisation, class_names=getattr(dm, "class_names", None),
                                 epoch=int(epoch))
         if self.is_rank_zero:
             self._render(trainer, module, dm, ds, jobs, images, top, result)
         return dict(result.metrics)
+
+    def _warm_start(self, make, noise, key, epoch: int):
+        """(parametrisation, steps): the previous run's parametrisation continued for `warm_steps` steps (its units'
+        images move with the model, which changed by one epoch), or a start from noise for `steps` steps: the first
+        run, warm_steps null, another layer or set of jobs, and every `restart_every_n_epochs`-th epoch."""
+        restart = self.restart_every_n_epochs is not None and (epoch + 1) % self.restart_every_n_epochs == 0
+        warm = self._warm
+        if self.warm_steps is None or restart or warm is None or tuple(warm["key"]) != tuple(key):
+            return noise, self.steps
+        param = make()
+        param.load_state_dict(warm["state"])  # copies onto the parametrisation's device
+        return param, min(self.warm_steps, self.steps)   # never more than a start from noise
+
+    def state_dict(self):
+        return {**super().state_dict(), "warm": self._warm}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._warm = state_dict.get("warm")
 
     @staticmethod
     def _colour_sqrt(ds):
@@ -119,8 +155,12 @@ class FeatureVisualizationCallback(InterpretationCallback):
         return colour_correlation_sqrt(torch.stack(raws))
 
     def _render(self, trainer, module, dm, ds, jobs, images, top, result):
-        """Rank 0 only, no collectives: the grids and featviz.json into the epoch folder."""
+        """Rank 0 only, no collectives: featviz.json into the epoch folder, and the grids when they are due
+        (render_every_n_epochs)."""
         out = self.epoch_dir(trainer, int(result.epoch))
+        result.save(out / "featviz.json")
+        if not self.render_due(trainer, self.render_every_n_epochs):
+            return
         paths = []
         unit_rows = [i for i, j in enumerate(jobs) if j[0] == "unit"]
         class_rows = [i for i, j in enumerate(jobs) if j[0] == "class"]
@@ -142,5 +182,4 @@ class FeatureVisualizationCallback(InterpretationCallback):
             save_patch_grid(torch.stack(raws), top.positions.transpose(0, 1).reshape(-1, 2), top.map_size,
                             out / "patches.png", per_unit=top.indices.shape[0], patch=self.patch_size)
             paths.append(out / "patches.png")
-        result.save(out / "featviz.json")
         self.log_images(trainer, "grids", paths, [p.stem for p in paths])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,10 @@ def interpret(cfg: DictConfig) -> dict[str, Any]:
         loggers, wandb_status = build_loggers(cfg, run_dir, run_id)
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*methods, driver], logger=loggers or False,
                                           plugins=[AtomicCheckpointIO()])
-        results = trainer.validate(model=model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=is_zero)
+        with warnings.catch_warnings():
+            # Lightning asks for the checkpoint callbacks of training, which restore nothing a validation pass uses
+            warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
+            results = trainer.validate(model=model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=is_zero)
         for result in results:
             metrics.update(scalar_metrics(result))
         metrics.update(scalar_metrics(trainer.callback_metrics))

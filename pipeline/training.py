@@ -57,14 +57,10 @@ def instantiate_callbacks(group: DictConfig | None) -> list:
     return callbacks
 
 
-def interpretation_record(trainer) -> dict[str, Any]:
-    """What the interpretation callbacks cost and which of them failed, for metrics.json: `interp_seconds` and
-    `interp_runs` per callback, `interp_errors` (callback, epoch, rank, error, traceback)."""
-    from callbacks.base import InterpretationCallback
-    cbs = [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, InterpretationCallback)]
-    return {"interp_seconds": {cb.name: round(cb.seconds, 3) for cb in cbs if cb.runs},
-            "interp_runs": {cb.name: cb.runs for cb in cbs if cb.runs},
-            "interp_errors": [e for cb in cbs for e in cb.errors]}
+def interpretation_record(trainer, fit_seconds: float | None = None) -> dict[str, Any]:
+    """callbacks.base.interpretation_record over the trainer's callbacks (cost, overhead, failures)."""
+    from callbacks.base import interpretation_record as record
+    return record(trainer.callbacks if trainer is not None else [], fit_seconds)
 
 
 def check_model_data_agree(cfg: DictConfig, datamodule) -> None:
@@ -215,10 +211,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                           plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)])
 
+        fit_started = time.perf_counter()
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        fit_seconds = time.perf_counter() - fit_started
         metrics.update(scalar_metrics(trainer.callback_metrics))
         # before testing: trainer.test(ckpt_path=best) restores the callbacks' state of that (earlier) checkpoint
-        interp = interpretation_record(trainer)
+        interp = interpretation_record(trainer, fit_seconds)
+        if interp["interp_seconds"]:
+            if "interp/overhead" in interp:
+                metrics["interp/overhead"] = interp["interp/overhead"]
+            if is_zero:
+                from callbacks.base import overhead_line
+                log.info(overhead_line(interp))
 
         if cfg.get("test", True):
             ckpt = best_checkpoint(trainer)

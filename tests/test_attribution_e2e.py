@@ -25,10 +25,14 @@ def test_default_callbacks_in_a_training_run(run_train, tmp_path):
                 "interp/attribution/cam/pointing_game", "interp/featviz/activation_gain_min"):
         assert key in saved["metrics"] and saved["metrics"][key] is not None, key
         assert metrics[key] == pytest.approx(saved["metrics"][key])
-    for epoch in ("epoch_000", "epoch_001"):
-        assert (run / "interp" / "attribution" / epoch / "overlays.png").is_file()
-        assert (run / "interp" / "featviz" / epoch / "units.png").is_file()
+    for epoch in ("epoch_000", "epoch_001"):   # results every epoch
+        assert (run / "interp" / "attribution" / epoch / "metrics.json").is_file()
         assert (run / "interp" / "featviz" / epoch / "featviz.json").is_file()
+    # figures every render_every_n_epochs (5) and after the last epoch only
+    assert not (run / "interp" / "attribution" / "epoch_000" / "overlays.png").exists()
+    assert not (run / "interp" / "featviz" / "epoch_000" / "units.png").exists()
+    assert (run / "interp" / "attribution" / "epoch_001" / "overlays.png").is_file()
+    assert (run / "interp" / "featviz" / "epoch_001" / "units.png").is_file()
 
 
 @pytest.mark.ddp

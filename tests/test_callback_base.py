@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks.base import InterpretationCallback, InterpretationError, interpretation_mode, preserved_rng
+from callbacks.base import (InterpretationCallback, InterpretationError, interpretation_mode, interpretation_record,
+                            overhead_line, preserved_rng)
 
 
 class NoisyCallback(InterpretationCallback):
@@ -62,7 +63,10 @@ def test_interpretation_leaves_the_random_streams_of_training_unchanged():
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     metrics = NoisyCallback().execute(trainer(), module)
     assert draws() == expected
-    assert metrics == {"interp/noisy/value": 1.5} and module.logged == metrics
+    assert metrics == {"interp/noisy/value": 1.5}
+    # the method's metrics and the run's cost, interp/<name>/seconds
+    assert module.logged.keys() == {"interp/noisy/value", "interp/noisy/seconds"}
+    assert module.logged["interp/noisy/value"] == 1.5 and module.logged["interp/noisy/seconds"] >= 0
 
 
 def test_preserved_rng_restores_after_an_error():
@@ -117,3 +121,18 @@ def test_images_of_different_sizes_get_a_wandb_key_each(tmp_path, monkeypatch):
     NoisyCallback().log_images(tr, "grid", paths, captions=["A", "B", "C"])
     assert [(k, kw["caption"]) for k, _, kw in calls] == [("interp/noisy/grid/a", ["A"]), ("interp/noisy/grid/b", ["B"]),
                                                          ("interp/noisy/grid/c", ["C"])]
+
+
+def test_overhead_record_and_the_end_of_run_line():
+    a, b, off = NoisyCallback(), FailingCallback(), NoisyCallback()
+    a.name, b.name, off.name = "dissection", "attribution", "featviz"
+    a.seconds, a.runs, b.seconds, b.runs = 6.0, 3, 2.0, 3
+    b.seconds_before_fit = 1.0   # a resumed run: 1 s of it belongs to the earlier start
+    record = interpretation_record([a, b, off, object()], fit_seconds=107.0)
+    assert record["interp_seconds"] == {"dissection": 6.0, "attribution": 2.0} and record["interp_total_seconds"] == 8
+    assert record["interp_runs"] == {"dissection": 3, "attribution": 3} and record["interp_errors"] == []
+    # this fit: 7 s of callbacks in 107 s -> training 100 s, overhead 0.07
+    assert record["training_seconds"] == 100.0 and record["interp/overhead"] == 0.07
+    assert overhead_line(record) == ("interpretation took 7.0% of training (dissection 6.0 s, attribution 2.0 s; "
+                                     "8.0 s in all, training 100.0 s)")
+    assert "interp/overhead" not in interpretation_record([a])

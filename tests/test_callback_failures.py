@@ -4,6 +4,7 @@ decision is the same on every rank. on_error=raise stops the run as before."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,8 +20,9 @@ BOOM = ["model=cnn", "callbacks=minimal", "callbacks.interpretation=true", *SMAL
         "+callbacks.boom.fail_epoch=1"]
 
 
-def test_a_failing_callback_is_recorded_switched_off_and_the_run_completes(run_train, tmp_path):
-    metrics = run_train(BOOM, tmp_path / "run")
+def test_a_failing_callback_is_recorded_switched_off_and_the_run_completes(run_train, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="pipeline.training"):
+        metrics = run_train(BOOM, tmp_path / "run")
     payload = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert payload["status"] == "completed" and payload["epochs_completed"] == 3
     assert "test/acc" in metrics and metrics["interp/boom/ok"] == 1.0  # logged at epoch 0, before the failure
@@ -29,6 +31,11 @@ def test_a_failing_callback_is_recorded_switched_off_and_the_run_completes(run_t
     assert err["error"] == "RuntimeError: boom at epoch 1" and "raise RuntimeError" in err["traceback"]
     # switched off after epoch 1: it ran at epochs 0 and 1 only, although scheduled every epoch
     assert payload["interp_runs"] == {"boom": 2} and payload["interp_seconds"]["boom"] >= 0
+    # the cost accounting: overhead = callback seconds / (fit seconds - callback seconds), and the run's one line
+    assert payload["interp/overhead"] == pytest.approx(payload["interp_total_seconds"] / payload["training_seconds"],
+                                                       abs=1e-3)
+    assert 0 < payload["training_seconds"] < payload["seconds"] and metrics["interp/overhead"] >= 0
+    assert f"interpretation took {100 * payload['interp/overhead']:.1f}% of training (boom " in caplog.text
 
 
 def test_on_error_raise_stops_the_run(run_train, tmp_path):

@@ -406,7 +406,7 @@ def test_dissection_result_round_trips_through_json(tmp_path):
 # ----- settings checked before training -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key,value", [("quantile", 0.0), ("quantile", 1.0), ("iou_threshold", 1.5),
-                                       ("probe_size", 0), ("top_images", 0), ("render_every_n_runs", 0),
+                                       ("probe_size", 0), ("top_images", 0), ("render_every_n_epochs", 0),
                                        ("cache_mb", -1)])
 def test_bad_settings_are_rejected_when_built(key, value):
     with pytest.raises(ConfigError, match=f"callbacks.dissection.{key}"):

@@ -267,3 +267,43 @@ def test_featviz_and_attribution_on_a_user_model_through_train_py(run_train, tmp
     assert saved["metrics"]["interp/attribution/gradcam/pointing_game"] is not None
     assert "interp/attribution/cam/pointing_game" not in saved["metrics"]  # no UnitHead: CAM left out, no error
     assert FeatvizResult.load(run / "interp" / "featviz" / "epoch_000" / "featviz.json").layer == "stage3"
+
+
+def test_warm_start_with_a_quarter_of_the_steps_keeps_the_quality_of_a_start_from_scratch(tmp_path):
+    """Between runs the model trains (a few SGD steps); each epoch the warm-started callback (8 steps from the
+    previous images) reaches at least the activations of 32 steps from noise (measured: 2.51 vs 2.19, 2.77 vs 2.42
+    for activation_vs_data_min), and the gain stays measured against the noise image."""
+    data = SquaresData(n=32, size=32)
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    kw = dict(num_units=6, steps=32, k_patches=2, max_images=32, batch_size=16)
+    warm = FeatureVisualizationCallback(warm_steps=8, restart_every_n_epochs=3, **kw)
+    scratch = FeatureVisualizationCallback(warm_steps=None, **kw)
+    items = [data.probe[i] for i in range(32)]
+    x, y = torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
+    for epoch in range(3):
+        model.train()
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        model.eval()
+        got = {}
+        for name, cb in (("warm", warm), ("scratch", scratch)):
+            with interpretation_mode(model):
+                got[name] = cb.run(fake_trainer(tmp_path / name, data, epoch), model, epoch)
+        steps = FeatvizResult.load(tmp_path / "warm" / "interp" / "featviz" / f"epoch_{epoch:03d}" / "featviz.json")
+        if epoch == 0:   # the first run starts from noise: the same computation as from scratch
+            assert got["warm"] == pytest.approx(got["scratch"], rel=1e-6) and steps.steps == 32
+        elif epoch == 2:  # restart_every_n_epochs=3: epoch index 2 is the 3rd epoch, from noise again
+            assert got["warm"] == pytest.approx(got["scratch"], rel=1e-6) and steps.steps == 32
+        else:
+            assert steps.steps == 8
+            for key in ("activation_vs_data_min", "activation_final_mean", "activation_gain_min"):
+                assert got["warm"][key] >= got["scratch"][key], (epoch, key, got)
+    state = warm.state_dict()
+    again = FeatureVisualizationCallback(warm_steps=8, **kw)
+    again.load_state_dict(state)
+    assert again._warm["key"] == warm._warm["key"]
+    with pytest.raises(ConfigError, match="callbacks.featviz.warm_steps"):
+        FeatureVisualizationCallback(warm_steps=0)

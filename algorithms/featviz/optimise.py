@@ -89,19 +89,21 @@ def optimised_layer(model: nn.Module, layer: str, pre_relu: bool = True) -> str:
 def visualize_units(model: nn.Module, layer: str, jobs: Sequence[tuple[str, int]], param: nn.Module, *,
                     steps: int, lr: float = 0.05, transforms: Callable | None = None,
                     normalize: Callable[[Tensor], Tensor] | None = None, pre_relu: bool = True, seed: int = 0,
-                    progress: Callable | None = None) -> tuple[Tensor, Tensor]:
+                    progress: Callable | None = None, initial: nn.Module | None = None) -> tuple[Tensor, Tensor]:
     """Visualise one batch of jobs (("unit", u): channel u of `layer`; ("class", c): class score c; see
     `featviz_jobs`), batch element i of `param` for job i. Units are optimised before the layer's last ReLU
     (`optimised_layer`) and measured after it, as the unit's activation.
 
     Returns (values [N, 2]: the mean channel activation (or class score) on the untransformed initial and final
-    image, images [N, C, H, W] in [0, 1])."""
+    image, images [N, C, H, W] in [0, 1]). `initial`: the parametrisation whose image is the "initial" one of
+    values[:, 0] when `param` does not start from noise (a warm start from the previous epoch's images: the gain
+    stays measured against noise, comparable with a start from scratch)."""
     normalize = normalize or (lambda img: img)
     objective = unit_objective(optimised_layer(model, layer, pre_relu), jobs)
     measure = unit_objective(layer, jobs)
     values = torch.zeros(len(jobs), 2, device=model_device(model))
     with interpretation_mode(model, grad=False):
-        values[:, 0] = objective_forward(model, measure, normalize(param()))
+        values[:, 0] = objective_forward(model, measure, normalize((initial or param)()))
     images, _ = visualize(model, objective, param, transforms, steps, lr, normalize, seed=seed, progress=progress)
     with interpretation_mode(model, grad=False):
         values[:, 1] = objective_forward(model, measure, normalize(images))
