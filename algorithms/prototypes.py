@@ -13,7 +13,9 @@ Quality metrics (on the probe set's segmentation maps, at the centre pixel of ea
 - class_object_hit_rate: share of pushed prototypes whose source patch (high-activation box) lies on the object of
   the prototype's class (half the box on the object, or half the object in the box);
 - unique_sources: distinct source images after push (collapsed prototypes share one);
-- last_layer_sparsity: share of last-layer weights with |w| <= 1e-3 max|w|.
+- last_layer_sparsity: share of last-layer weights with |w| <= 1e-3 max|w|;
+- own_class_evidence_share: share of the absolute contributions to the predicted logit that comes from the
+  predicted class's own prototypes (mean over images; `evidence_share`).
 Under DDP, `mask_quality` takes this rank's shard of the probe set and returns the global values on every rank.
 """
 from __future__ import annotations
@@ -32,19 +34,70 @@ SPARSITY_TOLERANCE = 1e-3
 
 
 # ----- "this looks like that" ----------------------------------------------------------------------------------------
+def _bias(model, k: int, like: torch.Tensor) -> torch.Tensor:
+    bias = getattr(model.last_layer, "bias", None)
+    return bias.detach().to(like) if bias is not None else like.new_zeros(k)
+
+
+def class_evidence(model, sim: torch.Tensor, classes: torch.Tensor, top: int) -> dict[str, torch.Tensor]:
+    """The decomposition of the logits of `classes` [n] into evidence: logit_c = sum_j sim_j w_cj + b_c, split into
+    the `top` prototypes by contribution sim_j w_cj, the rest of c's own prototypes (`own_rest`), the rest of the
+    other classes' prototypes (`off_rest`) and the bias; the parts add up to `logit` exactly."""
+    weight = model.last_layer.weight.detach()[classes]                           # [n, m]
+    contrib = sim * weight
+    own = model.prototype_classes.to(classes)[None, :] == classes[:, None]       # [n, m]
+    values, order = contrib.topk(min(top, sim.shape[1]), dim=1)
+    rest = contrib.scatter(1, order, 0.0)
+    bias = _bias(model, model.last_layer.weight.shape[0], sim)[classes]
+    return {"class": classes, "prototypes": order, "contribution": values, "similarity": sim.gather(1, order),
+            "weight": weight.gather(1, order), "own_rest": (rest * own).sum(dim=1),
+            "off_rest": (rest * ~own).sum(dim=1), "bias": bias, "logit": contrib.sum(dim=1) + bias}
+
+
+def own_class_evidence_share(model, sim: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """[n] share of sum_j |sim_j w_cj| (the absolute contributions to the logit of class c) that comes from c's own
+    prototypes. 1 when the decision is made of own-class evidence only (the sparse last layer of the paper); the
+    dense +1/-0.5 initial layer leaves most of it to other classes' prototypes."""
+    contrib = (sim * model.last_layer.weight.detach()[classes]).abs()
+    own = model.prototype_classes.to(classes)[None, :] == classes[:, None]
+    return (contrib * own).sum(dim=1) / contrib.sum(dim=1).clamp_min(1e-12)
+
+
 @torch.no_grad()
 def explain(model, x: torch.Tensor, top: int = 3) -> dict[str, torch.Tensor]:
-    """For images x (normalised): predicted class, and the `top` prototypes with the largest contribution
-    sim_j * w[pred, j] to the predicted logit (Fig. 2 of the paper), with their similarity maps [n, top, H, W]."""
+    """For images x (normalised): the predicted class and its whole decision (Fig. 2 of the paper, completed): the
+    `top` prototypes with the largest contribution sim_j * w[pred, j] to the predicted logit, with their similarity
+    maps [n, top, H, W], then the rest of the own-class evidence, the off-class evidence and the bias, which add up to
+    the logit; the same for the runner-up class (keys prefixed `runner_up_`)."""
     maps = model.similarity_maps(x) * model.prototype_active[None, :, None, None]  # [n, m, H, W]
     sim = maps.flatten(2).max(dim=2).values          # = similarity of the min distance (monotone decreasing)
     logits = model.last_layer(sim)
-    pred = logits.argmax(dim=1)
-    weight = model.last_layer.weight[pred]              # [n, m]
-    contrib, order = (sim * weight).topk(min(top, sim.shape[1]), dim=1)
-    return {"pred": pred, "logits": logits, "prototypes": order, "contribution": contrib,
-            "similarity": sim.gather(1, order), "weight": weight.gather(1, order),
-            "maps": maps[torch.arange(len(x))[:, None], order]}
+    ranked = logits.topk(min(2, logits.shape[1]), dim=1).indices
+    pred = ranked[:, 0]
+    first = class_evidence(model, sim, pred, top)
+    out = {"pred": pred, "logits": logits, **{k: v for k, v in first.items() if k != "class"},
+           "maps": maps[torch.arange(len(x))[:, None], first["prototypes"]],
+           "own_share": own_class_evidence_share(model, sim, pred)}
+    if ranked.shape[1] > 1:
+        second = class_evidence(model, sim, ranked[:, 1], top)
+        out.update({f"runner_up_{k}": v for k, v in second.items()})
+    return out
+
+
+@torch.no_grad()
+def evidence_share(model, batches: Iterable) -> dict[str, float]:
+    """`own_class_evidence_share`: the mean over images of own_class_evidence_share for the predicted class, over
+    this rank's batches of (normalised images, labels, ...); the global mean on every rank under DDP."""
+    device = model.prototype_vectors.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        maps = model.similarity_maps(batch[0].to(device)) * model.prototype_active[None, :, None, None]
+        sim = maps.flatten(2).amax(dim=2)
+        pred = model.last_layer(sim).argmax(dim=1)
+        share = own_class_evidence_share(model, sim, pred)
+        total += torch.stack([share.double().sum(), total.new_tensor(float(len(share)))])
+    total = D.all_reduce_sum(total)
+    return {"own_class_evidence_share": float(total[0] / total[1].clamp_min(1))}
 
 
 # ----- the push ------------------------------------------------------------------------------------------------------
@@ -189,7 +242,7 @@ class PrototypeQuality(Result):
     purity and class-object hit rate. `metrics()` is what the callback logs as interp/prototypes/<name>."""
 
     schema = "prototype_quality"
-    schema_version = 1
+    schema_version = 2  # 2: own_class_evidence_share
 
     epoch: int
     pushed: int
@@ -201,13 +254,15 @@ class PrototypeQuality(Result):
     purity_per_category: dict[str, float] = field(default_factory=dict)
     class_object_hit_rate: float | None = None
     hit_rate_coverage: float | None = None
+    own_class_evidence_share: float | None = None
 
     @property
     def unique_source_fraction(self) -> float:
         return self.unique_sources / max(1.0, float(self.pushed))
 
     @classmethod
-    def build(cls, epoch: int, push: dict[str, float], masks: dict[str, Any] | None = None) -> "PrototypeQuality":
+    def build(cls, epoch: int, push: dict[str, float], masks: dict[str, Any] | None = None,
+              evidence: dict[str, float] | None = None) -> "PrototypeQuality":
         masks = masks or {}
         return cls(epoch=int(epoch), pushed=int(push["pushed"]), unique_sources=int(push["unique_sources"]),
                    mean_push_distance=float(push["mean_push_distance"]),
@@ -215,7 +270,8 @@ class PrototypeQuality(Result):
                    active_prototypes=int(push["active_prototypes"]), purity=_number(masks.get("purity")),
                    purity_per_category={k: _number(v) for k, v in masks.get("purity_per_category", {}).items()},
                    class_object_hit_rate=_number(masks.get("class_object_hit_rate")),
-                   hit_rate_coverage=_number(masks.get("hit_rate_coverage")))
+                   hit_rate_coverage=_number(masks.get("hit_rate_coverage")),
+                   own_class_evidence_share=_number((evidence or {}).get("own_class_evidence_share")))
 
     def metrics(self) -> dict[str, float]:
         """Flat scalars: pushed, unique_sources, unique_source_fraction, mean_push_distance, last_layer_sparsity,
@@ -228,7 +284,7 @@ class PrototypeQuality(Result):
             out["purity"] = self.purity
         for cat, v in self.purity_per_category.items():
             out[f"purity_{cat}"] = float("nan") if v is None else v
-        for key in ("class_object_hit_rate", "hit_rate_coverage"):
+        for key in ("class_object_hit_rate", "hit_rate_coverage", "own_class_evidence_share"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -244,7 +300,8 @@ class PrototypeQuality(Result):
                    active_prototypes=int(data["active_prototypes"]), purity=_number(data.get("purity")),
                    purity_per_category={k: _number(v) for k, v in data.get("purity_per_category", {}).items()},
                    class_object_hit_rate=_number(data.get("class_object_hit_rate")),
-                   hit_rate_coverage=_number(data.get("hit_rate_coverage")))
+                   hit_rate_coverage=_number(data.get("hit_rate_coverage")),
+                   own_class_evidence_share=_number(data.get("own_class_evidence_share")))
 
 
 @dataclass

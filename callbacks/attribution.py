@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from algorithms.attribution import (MAX_DELETION_STEPS, METHODS, SPLITS, TARGETS, AttributionResult, attribution_maps,
-                                    cam_unavailable, collate_probe, evaluate, layer_point, probe_items)
+                                    cam_unavailable, method_unavailable, collate_probe, evaluate, layer_point, probe_items)
 from algorithms.attribution.render import render_overlays
 from algorithms.attribution.targets import explained_classes
 from callbacks.base import InterpretationCallback, check_int
@@ -21,7 +21,7 @@ from core.protocol import UnitHead
 
 log = logging.getLogger(__name__)
 
-ALL_METHODS = ("gradcam", "cam", "saliency", "guided_backprop", "guided_gradcam", "occlusion")
+ALL_METHODS = ("gradcam", "cam", "saliency", "guided_backprop", "guided_gradcam", "occlusion", "prototype_maps")
 
 
 class AttributionCallback(InterpretationCallback):
@@ -37,7 +37,7 @@ class AttributionCallback(InterpretationCallback):
 
     name = "attribution"
 
-    def __init__(self, methods: Sequence[str] = ("gradcam", "cam", "saliency"),
+    def __init__(self, methods: Sequence[str] = ("gradcam", "cam", "saliency", "prototype_maps"),
                  render_methods: Sequence[str] = ALL_METHODS, layer: str | None = None, target: str = "true",
                  max_images: int = 64, num_render: int = 8,
                  deletion_steps: int = 10, deletion_methods: Sequence[str] | None = ("gradcam",),
@@ -99,6 +99,13 @@ class AttributionCallback(InterpretationCallback):
             log.info("%s: cam skipped for %s (%s)", self.option("methods"), type(module).__name__, why)
         self._cam_logged = True
 
+    def _log_unavailable(self, module, reasons: dict[str, str]) -> None:
+        """Methods that need a capability the model lacks (prototype_maps on a model without prototypes): once."""
+        if reasons and not getattr(self, "_unavailable_logged", False) and self.is_rank_zero:
+            for m, why in reasons.items():
+                log.info("%s: %s skipped for %s (%s)", self.option("methods"), m, type(module).__name__, why)
+        self._unavailable_logged = True
+
     # ----- every few epochs -------------------------------------------------------------------------------------
     def run(self, trainer, module, epoch):
         device = module.device
@@ -108,7 +115,11 @@ class AttributionCallback(InterpretationCallback):
             why_not_cam = cam_unavailable(module, collate_probe([ds[0]], None)["image"].to(device), self.layer)
         if why_not_cam:
             self._log_cam_skipped(module, why_not_cam)
-        keep = lambda names: [m for m in names if m != "cam" or not why_not_cam]  # noqa: E731
+        missing = {m: method_unavailable(m, module) for m in METHODS}
+        missing["cam"] = missing["cam"] or why_not_cam
+        self._log_unavailable(module, {m: why for m, why in missing.items() if why and m != "cam"
+                                       and m in self.methods + self.render_methods})
+        keep = lambda names: [m for m in names if not missing.get(m)]  # noqa: E731
         methods = keep(self.methods)
         loader = DataLoader(self.shard(ds), batch_size=self.batch_size, shuffle=False, num_workers=0,
                             collate_fn=lambda items: collate_probe(items, masks))

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from algorithms.prototypes import PrototypeQuality, PrototypeRecords, explain, mask_quality, push_statistics
+from algorithms.prototypes import (PrototypeQuality, PrototypeRecords, evidence_share, explain, mask_quality,
+                                   push_statistics)
 from algorithms.prototypes_render import render_explanation, render_gallery
 from callbacks.base import InterpretationCallback, check_int
 from core.errors import ConfigError
@@ -80,7 +81,8 @@ class PrototypeCallback(InterpretationCallback):
         result = module.last_push
         dm = self.datamodule(trainer)
         class_names = list(getattr(dm, "class_names", None) or [])
-        quality = PrototypeQuality.build(epoch, push_statistics(module, result), self.quality(module, dm, result))
+        quality = PrototypeQuality.build(epoch, push_statistics(module, result), self.quality(module, dm, result),
+                                         self.evidence(module, dm))
         if self.is_rank_zero:
             out = self.epoch_dir(trainer, epoch)
             self.render(trainer, module, dm, result, out, class_names)
@@ -99,6 +101,14 @@ class PrototypeCallback(InterpretationCallback):
         # push sources index vis_dataset("train"): the hit rate reads their masks from the train probe set
         return mask_quality(module, result, base, self.loader(self.shard(part)), k=self.purity_k,
                             hit_rate=self.probe_split == "train")
+
+    def evidence(self, module, dm) -> dict[str, float]:
+        """own_class_evidence_share over the validation images (this rank's shard), normalised as in training."""
+        val = dm.vis_dataset("val")
+        if self.probe_limit is not None and len(val) > self.probe_limit:
+            val = torch.utils.data.Subset(val, range(self.probe_limit))
+        batches = ((dm.normalize(x01), y) for x01, y, *_ in self.loader(self.shard(val)))
+        return evidence_share(module, batches)
 
     def render(self, trainer, module, dm, result, out: Path, class_names: list[str]) -> None:
         train_vis = dm.vis_dataset("train")

@@ -8,10 +8,10 @@ from torch import nn
 
 from algorithms.attribution import (CAM, METHODS, AttributionResult, GradCAM, GuidedBackprop, GuidedGradCAM,
                                     Occlusion, ProbeMasks, Saliency, average_ranks, curve_auc, deletion_curve,
-                                    energy_in_mask, get_method, pointing_game, randomize_top_layers, resolve_target,
-                                    spearman)
+                                    energy_in_mask, get_method, method_unavailable, pointing_game, randomize_top_layers,
+                                    resolve_target, spearman)
 from callbacks.attribution import AttributionCallback
-from core.errors import ConfigError
+from core.errors import CapabilityError, ConfigError
 from core.probe import interpretation_mode
 from tests.test_attribution_helpers import (SquaresData, SquaresProbe, ToyCAMNet, fake_trainer,  # noqa: F401
                                            one_thread, small_cnn)
@@ -154,6 +154,10 @@ def test_parameter_grads_untouched_and_hooks_removed_by_every_method():
         p.grad = torch.full_like(p, 0.5)
     x = torch.randn(2, 3, 32, 32)
     for name, cls in METHODS.items():
+        if method_unavailable(name, model):
+            with pytest.raises(CapabilityError):
+                cls(model)
+            continue
         maps = (cls(model, window=16, stride=16) if cls is Occlusion else cls(model)).attribute(x, None)
         assert maps.shape[0] == 2 and maps.shape[-2:] == (32, 32), name
         assert torch.isfinite(maps).all(), name

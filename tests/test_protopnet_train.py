@@ -131,11 +131,16 @@ def changed(a, b):
     return any(not torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_each_phase_trains_exactly_its_parameters(tmp_path):
-    model, snaps = toy_model(freeze_batchnorm=True), Snapshots()
+@pytest.mark.parametrize("solver", ["epochs", "convex"])
+def test_each_phase_trains_exactly_its_parameters(tmp_path, solver):
+    model, snaps = toy_model(freeze_batchnorm=True, last_layer_fit={"solver": solver}), Snapshots()
     trainer(tmp_path, 3, [snaps]).fit(model, datamodule=ToyData())
     assert [h["phase"] for h in model.phase_history] == ["warm", "joint", "last_layer"]
-    expect = {0: {"add_on", "prototypes"}, 1: {"backbone", "add_on", "prototypes"}, 2: {"last_layer"}}
+    # convex: the push solves the last layer before the epoch starts; its epochs then take no gradient step
+    expect = {0: {"add_on", "prototypes"}, 1: {"backbone", "add_on", "prototypes"},
+              2: {"last_layer"} if solver == "epochs" else set()}
+    assert changed(snaps.ends[1]["last_layer"], snaps.starts[2]["last_layer"]) == (solver == "convex")
+    assert ("last_layer_fit" in model.push_history[0]) == (solver == "convex")
     for epoch, trained in expect.items():
         for g in GROUP_NAMES:
             assert changed(snaps.starts[epoch][g], snaps.ends[epoch][g]) == (g in trained), (epoch, g)

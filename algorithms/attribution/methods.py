@@ -1,4 +1,5 @@
-"""Attribution maps: Grad-CAM, CAM, saliency, guided backprop, guided Grad-CAM, occlusion.
+"""Attribution maps: Grad-CAM, CAM, saliency, guided backprop, guided Grad-CAM, occlusion, prototype activation maps
+(ProtoPNet).
 
 Call shape (as captum's): ``GradCAM(model, "backbone.conv4").attribute(images, target=None)`` -> maps [B, 1, H, W]
 upsampled to the input; ``target`` is None/"predicted" (argmax of the same forward pass), an int, or a LongTensor [B]
@@ -22,7 +23,7 @@ from algorithms.attribution.maps import upsample
 from algorithms.attribution.targets import resolve_target
 from core.errors import CapabilityError, ConfigError
 from core.probe import HookPoint, capture, hooks, resolve_one, scores_fn
-from core.protocol import UnitHead, describe_missing
+from core.protocol import PrototypeModel, UnitHead, describe_missing
 
 
 def layer_point(model, layer: str | nn.Module | HookPoint | None = None, option: str = "layer") -> HookPoint:
@@ -42,6 +43,7 @@ class Attribution:
 
     name = "attribution"
     uses_layer = False
+    requires: tuple[type, ...] = ()  # capabilities (core/protocol.py) the method needs beyond class scores
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | HookPoint | None = None, option: str = "layer"):
         self.model = model
@@ -246,8 +248,39 @@ class Occlusion(Attribution):
         return maps.mean(1, keepdim=True)
 
 
+class PrototypeMaps(Attribution):
+    """Prototype activation maps (Chen et al. 2019, Fig. 2/3): a ProtoPNet's evidence for class c is
+    sum_j sim_j w_cj with sim_j the maximum of prototype j's similarity map; the map shown is the sum over the `top`
+    prototypes of largest positive contribution of w_cj x (their similarity maps), bilinearly upsampled to the
+    input, i.e. where the evidence the decision rests on was found. Needs a PrototypeModel."""
+
+    name = "prototype_maps"
+    requires = (PrototypeModel,)
+    top = 3
+
+    def __init__(self, model: nn.Module, layer=None, option: str = "layer"):
+        if not isinstance(model, PrototypeModel):
+            raise CapabilityError(f"prototype_maps: {describe_missing(model, PrototypeModel)}")
+        super().__init__(model, None, option)
+
+    def attribute(self, inputs: Tensor, target=None) -> Tensor:
+        with torch.no_grad():
+            maps = self.model.similarity_maps(inputs) * self.model.prototype_active[None, :, None, None]
+            sim = maps.flatten(2).amax(dim=2)                                         # [B, m]
+            scores = self.model.last_layer(sim)
+            t = resolve_target(target, scores)
+            weight = self.model.last_layer.weight[t]                                  # [B, m]
+            contrib, order = (sim * weight).topk(min(self.top, sim.shape[1]), dim=1)
+            keep = weight.gather(1, order) * (contrib > 0)                            # only evidence for c
+            rows = torch.arange(len(inputs), device=inputs.device)[:, None]
+            out = (maps[rows, order] * keep[:, :, None, None]).sum(1, keepdim=True)
+        self._remember(scores, t)
+        return upsample(out, inputs.shape[-2:])
+
+
 METHODS: dict[str, type[Attribution]] = {cls.name: cls for cls in
-                                          (GradCAM, CAM, Saliency, GuidedBackprop, GuidedGradCAM, Occlusion)}
+                                          (GradCAM, CAM, Saliency, GuidedBackprop, GuidedGradCAM, Occlusion,
+                                           PrototypeMaps)}
 
 
 def get_method(name: str, option: str = "method") -> type[Attribution]:
@@ -255,6 +288,14 @@ def get_method(name: str, option: str = "method") -> type[Attribution]:
     if name not in METHODS:
         raise ConfigError(f"{option}: unknown attribution method {name!r}; choose from {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def method_unavailable(name: str, model) -> str:
+    """'' when method `name` applies to `model`, else why not (a capability it lacks)."""
+    for capability in get_method(name).requires:
+        if not isinstance(model, capability):
+            return describe_missing(model, capability)
+    return ""
 
 
 def make_method(name: str, model: nn.Module, layer: str | nn.Module | HookPoint | None = None) -> Attribution:
