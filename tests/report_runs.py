@@ -25,7 +25,9 @@ EVERY_EPOCH = ["callbacks.dissection.every_n_epochs=1", "callbacks.dissection.pr
                "callbacks.attribution.max_images=24", "callbacks.featviz.every_n_epochs=1", "callbacks.featviz.steps=4",
                "callbacks.featviz.num_units=4", "callbacks.featviz.max_images=24"]
 RUN_OVERRIDES = ["model=protopnet", *SMALL, *EVERY_EPOCH, "trainer.max_epochs=2", "model.schedule.last_layer_epochs=1",
-                 "callbacks.prototypes.probe_limit=120", "logger=[csv,wandb]"]
+                 "callbacks.prototypes.probe_limit=120", "logger=[csv,wandb]",
+                 # featviz of the dissected layer's units (ProtoPNet's yaml visualises its prototypes), for unit cards
+                 "callbacks.featviz.layer=null"]
 SWEEP_OVERRIDES = ["model=cnn", *SMALL, *EVERY_EPOCH, "trainer.max_epochs=1", "logger=csv",
                    "model.optimizer.lr=0.002,0.004"]
 

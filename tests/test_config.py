@@ -45,9 +45,15 @@ def test_every_option_composes_resolves_and_imports(group, option, tmp_path):
     assert targets, f"{group}={option} builds nothing"
     for target in targets:
         hydra.utils.get_object(target)  # raises if the module or attribute does not exist
-    # models always take their data geometry from the datamodule
-    for key in ("num_classes", "channels", "image_size"):
-        assert resolved["model"][key] == resolved["datamodule"][key]
+    # models take their data geometry from the datamodule: every geometry argument the model class accepts is set,
+    # to the datamodule's value (an unconditional GAN takes no num_classes, the fully convolutional segmenter no
+    # image_size)
+    import inspect
+    accepted = inspect.signature(hydra.utils.get_object(resolved["model"]["_target_"])).parameters
+    keys = [k for k in ("num_classes", "channels", "image_size") if k in accepted]
+    assert keys, f"model={resolved['model']['_target_']} takes none of num_classes, channels, image_size"
+    for key in keys:
+        assert resolved["model"][key] == resolved["datamodule"][key], key
 
 
 def test_trainer_options(tmp_path):

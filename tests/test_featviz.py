@@ -258,7 +258,7 @@ def test_featviz_and_attribution_on_a_user_model_through_train_py(run_train, tmp
     run_train(["model=cnn", "model._target_=tests.test_featviz.TinyNet", "datamodule.n_train=96",
                "datamodule.n_val=32", "datamodule.n_test=32", "datamodule.batch_size=32", "trainer.max_epochs=1",
                "logger=none", "callbacks=default", "~callbacks.dissection",
-               "~callbacks.composability", "callbacks.featviz.steps=2", "callbacks.featviz.max_images=16",
+               "~callbacks.composability", "~callbacks.decision_tree", "callbacks.featviz.steps=2", "callbacks.featviz.max_images=16",
                "callbacks.attribution.max_images=16", "callbacks.attribution.num_render=2",
                "callbacks.attribution.on_error=raise", "callbacks.featviz.on_error=raise"], run)
     saved = json.loads((run / "metrics.json").read_text())
