@@ -74,15 +74,13 @@ def _free_port() -> int:
 class Browser:
     def __init__(self, width: int = 1280, height: int = 900, timeout: float = 60.0):
         chrome, driver = find_binaries()
-        self.port = _free_port()
         self.profile = tempfile.mkdtemp(prefix="report-chromium-")
         self.timeout = timeout
         self.size = (width, height)
-        self.proc = subprocess.Popen([driver, f"--port={self.port}"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
         self.session = None
+        self.proc = None
         try:
-            self._wait_ready()
+            self._start_driver(driver)
             caps = {"capabilities": {"alwaysMatch": {
                 "browserName": "chrome", "pageLoadStrategy": "normal",
                 "goog:loggingPrefs": {"browser": "ALL"},
@@ -105,18 +103,37 @@ class Browser:
         except urllib.error.HTTPError as err:
             raise RuntimeError(f"WebDriver {method} {path}: {err.read()[:500]!r}") from err
 
-    def _wait_ready(self) -> None:
-        deadline = time.time() + self.timeout
+    def _start_driver(self, driver: str, attempts: int = 3) -> None:
+        """chromedriver on a free port. The port is free when chosen, but another process of the suite (a DDP
+        rendezvous, a test's loopback server) may take it before chromedriver binds it; then the /status requests
+        go unanswered or to the wrong server, and a new port is tried."""
+        for attempt in range(attempts):
+            self.port = _free_port()
+            self.driver_log = Path(self.profile) / f"chromedriver-{attempt}.log"
+            with open(self.driver_log, "wb") as log_file:
+                self.proc = subprocess.Popen([driver, f"--port={self.port}"], stdout=log_file,
+                                             stderr=subprocess.STDOUT)
+            if self._wait_ready(deadline=time.time() + self.timeout / attempts):
+                return
+            self.proc.kill()
+            self.proc.wait()
+        tail = self.driver_log.read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"chromedriver did not start ({attempts} ports tried, {self.timeout:.0f} s); its last "
+                           f"output:\n{tail}")
+
+    def _wait_ready(self, deadline: float) -> bool:
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"chromedriver exited with {self.proc.returncode}")
+                return False
             try:
-                if self._call("GET", "/status").get("ready"):
-                    return
-            except (OSError, RuntimeError):
+                req = urllib.request.Request(f"http://127.0.0.1:{self.port}/status")
+                with urllib.request.urlopen(req, timeout=2.0) as resp:
+                    if (json.loads(resp.read() or b"{}").get("value") or {}).get("ready"):
+                        return True
+            except (OSError, ValueError, AttributeError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError("chromedriver did not start")
+        return False
 
     def _s(self, path: str) -> str:
         return f"/session/{self.session}{path}"
@@ -176,7 +193,7 @@ class Browser:
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
             self.session = None
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
