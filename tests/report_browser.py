@@ -65,6 +65,11 @@ def find_binaries() -> tuple[str, str]:
     return chrome, driver
 
 
+# chromedriver listens on the loopback interface: never through a proxy. (urlopen's global opener keeps the proxy
+# settings of the first request of the process, which may have been made by a test that points them at a dead proxy.)
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,7 +103,7 @@ class Browser:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _LOCAL.open(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read() or b"{}").get("value")
         except urllib.error.HTTPError as err:
             raise RuntimeError(f"WebDriver {method} {path}: {err.read()[:500]!r}") from err
@@ -127,7 +132,7 @@ class Browser:
                 return False
             try:
                 req = urllib.request.Request(f"http://127.0.0.1:{self.port}/status")
-                with urllib.request.urlopen(req, timeout=2.0) as resp:
+                with _LOCAL.open(req, timeout=2.0) as resp:
                     if (json.loads(resp.read() or b"{}").get("value") or {}).get("ready"):
                         return True
             except (OSError, ValueError, AttributeError):

@@ -586,6 +586,10 @@ def test_download_without_network_says_where_to_put_the_files(name, tmp_path, mo
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there: every request is refused at once
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen builds its global opener, with the proxies of that moment, on its first use: the one built here goes
+    # with the test instead of sending every later request of this process to the dead proxy
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "_opener", None)
     cfg = compose_config([f"datamodule={name}", "datamodule.download=true", f"paths.data_dir={tmp_path}"],
                          tmp_path / "run")
     dm = instantiate(cfg.datamodule)
