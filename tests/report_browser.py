@@ -109,9 +109,8 @@ class Browser:
             raise RuntimeError(f"WebDriver {method} {path}: {err.read()[:500]!r}") from err
 
     def _start_driver(self, driver: str, attempts: int = 3) -> None:
-        """chromedriver on a free port. The port is free when chosen, but another process of the suite (a DDP
-        rendezvous, a test's loopback server) may take it before chromedriver binds it; then the /status requests
-        go unanswered or to the wrong server, and a new port is tried."""
+        """chromedriver on a free port; should the port be taken between choosing and binding it (the suite
+        starts DDP rendezvous and loopback servers beside these tests), another port is tried."""
         for attempt in range(attempts):
             self.port = _free_port()
             self.driver_log = Path(self.profile) / f"chromedriver-{attempt}.log"
