@@ -263,15 +263,8 @@ class PrototypeQuality(Result):
     @classmethod
     def build(cls, epoch: int, push: dict[str, float], masks: dict[str, Any] | None = None,
               evidence: dict[str, float] | None = None) -> "PrototypeQuality":
-        masks = masks or {}
-        return cls(epoch=int(epoch), pushed=int(push["pushed"]), unique_sources=int(push["unique_sources"]),
-                   mean_push_distance=float(push["mean_push_distance"]),
-                   last_layer_sparsity=float(push["last_layer_sparsity"]),
-                   active_prototypes=int(push["active_prototypes"]), purity=_number(masks.get("purity")),
-                   purity_per_category={k: _number(v) for k, v in masks.get("purity_per_category", {}).items()},
-                   class_object_hit_rate=_number(masks.get("class_object_hit_rate")),
-                   hit_rate_coverage=_number(masks.get("hit_rate_coverage")),
-                   own_class_evidence_share=_number((evidence or {}).get("own_class_evidence_share")))
+        # the push statistics, mask measures and evidence share together are the fields of a saved result
+        return cls.from_payload({"epoch": epoch, **push, **(masks or {}), **(evidence or {})}, cls.schema_version)
 
     def metrics(self) -> dict[str, float]:
         """Flat scalars: pushed, unique_sources, unique_source_fraction, mean_push_distance, last_layer_sparsity,
