@@ -85,8 +85,9 @@ def interpret(cfg: DictConfig) -> dict[str, Any]:
             ckpt = load_for_check(ckpt_path)
             made_by = check_resume_checkpoint(ckpt_path, identity, model, ckpt, fix=INTERPRET_FIX)
             epoch = checkpoint_epoch(ckpt)
-            record["interpreted"] = {"checkpoint": str(ckpt_path), "epoch": epoch, "global_step": ckpt.get("global_step"),
-                                     "run_id": made_by.get("run_id"), "run_dir": made_by.get("run_dir")}
+            record["interpreted"] = {"checkpoint": str(ckpt_path), "epoch": epoch,
+                                     "global_step": ckpt.get("global_step"), "run_id": made_by.get("run_id"),
+                                     "run_dir": made_by.get("run_dir")}
             del ckpt
         else:
             record["interpreted"] = {"checkpoint": None, "pretrained": OmegaConf.select(cfg, "model.pretrained")}
@@ -116,8 +117,9 @@ def interpret(cfg: DictConfig) -> dict[str, Any]:
         interp = interpretation_record(trainer)
         if is_zero:
             skipped = sorted({cb.name for cb in methods} - set(driver.ran))
-            log.info("interpreted %s with %s%s", ckpt_path or "the configured model", ", ".join(driver.ran) or "nothing",
-                     f" (not applicable here: {', '.join(skipped)})" if skipped else "")
+            not_applicable = f" (not applicable here: {', '.join(skipped)})" if skipped else ""
+            log.info("interpreted %s with %s%s", ckpt_path or "the configured model",
+                     ", ".join(driver.ran) or "nothing", not_applicable)
         status = "completed"
         return metrics
     except BaseException as err:
