@@ -34,7 +34,7 @@ from torch import nn
 from algorithms.dissection_result import DissectionEpoch, DissectionResult  # noqa: F401 (re-exported)
 from algorithms.dissection_stats import (IOU_THRESHOLD, TOP_QUANTILE, concept_masks,  # noqa: F401 (re-exported)
                                          direction_sums, exact_quantile, iou_statistics, quantile_from_top,
-                                         threshold_rank)
+                                         threshold_rank, union_labels)
 from algorithms.probe_pass import batch_maps
 from algorithms.probe_sets import (DissectionError, base_dataset, check_probe_dataset,  # noqa: F401 (re-exported)
                                    open_broden)
@@ -60,6 +60,17 @@ def layer_maps(model: nn.Module, points: Mapping[str, P.HookPoint], x: torch.Ten
 def probe_maps(model: nn.Module, points: Mapping[str, P.HookPoint], batch: dict) -> "OrderedDict[str, Any]":
     """A probe batch's maps: those of the epoch's shared probe pass (algorithms/probe_pass.py), else computed."""
     return OrderedDict((n, spatial(a, n)) for n, a in batch_maps(model, points, batch).items())
+
+
+def batch_union(batch: dict, num_concepts: int, device) -> torch.Tensor:
+    """The probe batch's `union_labels`: kept in the batch under "seg_union" (a ProbePass batch keeps it for every
+    layer and hands it to the next epoch's pass, algorithms/probe_pass.py), computed when absent."""
+    union = batch.get("seg_union")
+    if union is None:
+        labels = batch.get("image_labels")
+        union = union_labels(batch["seg"].to(device), labels.to(device) if labels is not None else None, num_concepts)
+        batch["seg_union"] = union
+    return union.to(device)
 
 
 def _merge_top(values: torch.Tensor | None, new: torch.Tensor, k: int) -> torch.Tensor:
@@ -132,8 +143,10 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
                 scores = a.amax(dim=(2, 3)).t()        # [U, b]: NetDissect ranks images by their max activation
                 top_img[n] = _merge_top_images(*top_img[n], scores, index.expand(a.shape[1], -1), top_n)
             if cache is not None:
-                item = ({n: f.detach() for n, f in feats.items()}, batch["seg"], batch.get("image_labels"))
+                item = ({n: f.detach() for n, f in feats.items()}, batch["seg"], batch.get("image_labels"),
+                        batch_union(batch, num_concepts, device))
                 cache_bytes += sum(f.numel() * f.element_size() for f in item[0].values()) + batch["seg"].numel() * 2
+                cache_bytes += item[3].numel() * item[3].element_size()
                 if cache_bytes > cache_mb * 2 ** 20:
                     cache = None  # too large: read the probe set again in pass 2
                 else:
@@ -168,24 +181,25 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
     stats = {n: None for n in names}
     directions = {n: None for n in names}
 
-    def accumulate(feats, seg, image_labels):
+    def accumulate(feats, seg, image_labels, union):
         seg = seg.to(device)
         image_labels = image_labels.to(device) if image_labels is not None else None
         for n, a in feats.items():
-            s = iou_statistics(a, thresholds[n], seg, image_labels, num_concepts)
+            s = iou_statistics(a, thresholds[n], seg, image_labels, num_concepts, union=union)
             stats[n] = s if stats[n] is None else tuple(x + y for x, y in zip(stats[n], s))
             if concept_directions:
-                d = direction_sums(a, seg, image_labels, num_concepts)
+                d = direction_sums(a, seg, image_labels, num_concepts, union=union)
                 directions[n] = d if directions[n] is None else tuple(x + y for x, y in zip(directions[n], d))
 
     error = None
     try:
         if cache is not None:
-            for feats, seg, image_labels in wrap(cache, "IoU"):
-                accumulate(feats, seg, image_labels)
+            for feats, seg, image_labels, union in wrap(cache, "IoU"):
+                accumulate(feats, seg, image_labels, union)
         else:
             for batch in wrap(loader, "IoU (second pass)"):
-                accumulate(probe_maps(model, points, batch), batch["seg"], batch.get("image_labels"))
+                accumulate(probe_maps(model, points, batch), batch["seg"], batch.get("image_labels"),
+                           batch_union(batch, num_concepts, device))
     except Exception as err:  # noqa: BLE001 - re-raised below on every rank together
         error = err
     D.raise_together(error, device)

@@ -65,11 +65,21 @@ def dedup_pixel_labels(seg: torch.Tensor, image_labels: torch.Tensor | None) -> 
     return seg
 
 
+def union_labels(seg: torch.Tensor, image_labels: torch.Tensor | None, num_concepts: int) -> torch.Tensor:
+    """`dedup_pixel_labels` of a probe batch's label maps seg [B, L, sh, sw] -> [B, L, sh*sw] long: what
+    `iou_statistics` and `direction_sums` count. It depends on the labels alone, so a caller that dissects several
+    layers, or the same probe set every epoch, computes it once and passes it as `union`."""
+    labels = image_labels[:, : num_concepts + 1].bool() if image_labels is not None else None
+    return dedup_pixel_labels(seg.reshape(seg.shape[0], seg.shape[1], -1).long(), labels)
+
+
 def iou_statistics(acts: torch.Tensor, thresholds: torch.Tensor, seg: torch.Tensor,
-                   image_labels: torch.Tensor | None, num_concepts: int, chunk_pixels: int = 2 ** 23):
+                   image_labels: torch.Tensor | None, num_concepts: int, chunk_pixels: int = 2 ** 23,
+                   union: torch.Tensor | None = None):
     """One batch's counts: (intersection [U, C+1], unit area [U], concept area [C+1]), all float64.
 
-    acts [B, U, h, w]; seg [B, L, sh, sw] concept ids; image_labels bool [B, C+1] or None.
+    acts [B, U, h, w]; seg [B, L, sh, sw] concept ids; image_labels bool [B, C+1] or None; `union`: the batch's
+    `union_labels` when the caller has them already.
 
     The intersection matrix is the product of the binary unit masks [U, pixels] with the one-hot concept masks
     [pixels, C+1], evaluated sparsely: a bilinear upsample is a convex combination of the raw map, so a map whose
@@ -82,7 +92,7 @@ def iou_statistics(acts: torch.Tensor, thresholds: torch.Tensor, seg: torch.Tens
     dev = acts.device
     c1 = num_concepts + 1
     labels = image_labels[:, :c1].bool() if image_labels is not None else None
-    flat_seg = dedup_pixel_labels(seg.reshape(b, -1, p).long(), labels)          # [B, L, P], union semantics
+    flat_seg = union_labels(seg, image_labels, num_concepts) if union is None else union  # [B, L, P], union
     concept_area = torch.bincount(flat_seg.reshape(-1), minlength=c1)[:c1].double()
     if labels is not None:
         concept_area += labels.sum(0).double() * p                                 # image-level = full image
@@ -97,7 +107,7 @@ def iou_statistics(acts: torch.Tensor, thresholds: torch.Tensor, seg: torch.Tens
         up = F.interpolate(a[bi, ui][:, None], size=(sh, sw), mode="bilinear", align_corners=False)
         on = up.reshape(len(bi), p) > thresholds[ui][:, None]                       # M_u of those maps
         count = on.sum(1)
-        unit_area.index_add_(0, ui, count.double())
+        unit_area += torch.bincount(ui, weights=count.double(), minlength=u)
         k, pix = on.nonzero(as_tuple=True)
         concepts = flat_seg[bi[k], :, pix]                                           # [on pixels, L]
         keys = (ui[k][:, None] * c1 + concepts).reshape(-1)
@@ -110,15 +120,16 @@ def iou_statistics(acts: torch.Tensor, thresholds: torch.Tensor, seg: torch.Tens
     return inter, unit_area, concept_area
 
 
-def direction_sums(acts: torch.Tensor, seg: torch.Tensor, image_labels, num_concepts: int):
+def direction_sums(acts: torch.Tensor, seg: torch.Tensor, image_labels, num_concepts: int,
+                   union: torch.Tensor | None = None):
     """Sufficient statistics of the per-concept mean feature at the layer's resolution: each location is weighted by
     the fraction of its cell's mask pixels the concept covers (a mask pixel belongs to the cell holding its centre;
-    counted with one bincount, so the cost does not grow with the vocabulary)."""
+    counted with one bincount, so the cost does not grow with the vocabulary). `union`: as for iou_statistics."""
     b, u, h, w = acts.shape
     sh, sw = seg.shape[-2:]
     c1 = num_concepts + 1
     labels = image_labels[:, :c1].bool() if image_labels is not None else None
-    flat_seg = dedup_pixel_labels(seg.reshape(b, -1, sh * sw).long(), labels)     # [B, L, P]
+    flat_seg = union_labels(seg, image_labels, num_concepts) if union is None else union  # [B, L, P]
     rows = (torch.arange(sh, device=seg.device) * h) // sh
     cols = (torch.arange(sw, device=seg.device) * w) // sw
     cell = (rows[:, None] * w + cols[None, :]).reshape(-1)                          # [P] -> feature cell

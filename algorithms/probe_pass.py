@@ -35,13 +35,22 @@ class ProbePass:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def labels_only(self) -> "ProbePass":
+        """The same pass without its maps and images: what `build(previous=...)` reads (the batches' "index" and
+        LABEL_KEYS), so that holding it until the next epoch costs little memory."""
+        keep = ("index", *LABEL_KEYS)
+        return ProbePass([{k: b[k] for k in keep if k in b} for b in self.batches], None, self.layers, self.units)
+
     @classmethod
     @torch.no_grad()
     def build(cls, model: nn.Module, points: Mapping[str, P.HookPoint], loader: Iterable[dict], units: bool = False,
-              max_mb: float = 2048.0, device=None, progress: Callable | None = None) -> "ProbePass | None":
+              max_mb: float = 2048.0, device=None, progress: Callable | None = None,
+              previous: "ProbePass | None" = None) -> "ProbePass | None":
         """Run `model` once over `loader`, capturing `points` (and `unit_contributions` when `units`). Every rank
         builds its own shard's pass; a failure is raised on every rank together, and whether the pass is kept
-        (within `max_mb` on every rank) is agreed, so all ranks then take the same path."""
+        (within `max_mb` on every rank) is agreed, so all ranks then take the same path. `previous`: the last
+        epoch's pass over the same loader; what its batches derived from the labels alone (`LABEL_KEYS`) is carried
+        over to the batches of the same images instead of being computed again."""
         device = device or P.model_device(model)
         if max_mb <= 0:
             return None
@@ -55,6 +64,7 @@ class ProbePass:
                 # with units the hooks ride on unit_contributions' own forward pass (no early stop: it needs it all)
                 cap = P.capture(model, None, x, points=points, scores=units, forward=forward)
                 item = dict(batch, image=x, maps=cap.acts)
+                _carry_labels(previous, len(batches), item)
                 if units:
                     item["units"] = tuple(t.detach() for t in cap.scores)
                 size += sum(t.numel() * t.element_size() for t in (*cap.acts.values(), *item.get("units", ()), x))
@@ -69,6 +79,19 @@ class ProbePass:
         if D.agree_any(too_big, device=device):
             return None
         return cls(batches, getattr(loader, "dataset", None), list(points), units)
+
+
+#: what consumers derive from a probe batch's labels alone and keep in the batch (dissection's union labels)
+LABEL_KEYS = ("seg_union",)
+
+
+def _carry_labels(previous: "ProbePass | None", i: int, item: dict) -> None:
+    """Copy LABEL_KEYS from batch i of the previous pass when it holds the same images (same "index" values)."""
+    if previous is None or i >= len(previous.batches) or "index" not in item:
+        return
+    old = previous.batches[i]
+    if "index" in old and torch.equal(old["index"], item["index"]):
+        item.update({k: old[k] for k in LABEL_KEYS if k in old})
 
 
 def batch_maps(model: nn.Module, points: Mapping[str, P.HookPoint], batch: dict) -> "dict[str, torch.Tensor]":

@@ -64,6 +64,7 @@ class DissectionCallback(InterpretationCallback):
         # what other callbacks read from the epoch's shared probe pass (share_probe_pass)
         self._shared_layers: list[str] = []
         self._shared_units = False
+        self._last_pass: ProbePass | None = None
 
     # ----- settings ---------------------------------------------------------------------------------------------
     def check_settings(self) -> None:
@@ -176,11 +177,14 @@ class DissectionCallback(InterpretationCallback):
         loader = self.loader(self.shard(probe))
 
         def build():
+            # the last epoch's pass, without its maps (freed before this one is built): its label tensors carry over
+            previous, self._last_pass = (self._last_pass.labels_only() if self._last_pass else None), None
             names = self.layer_names(module) + [n for n in self._shared_layers if n not in self.layer_names(module)]
             points = P.resolve(module, names, option=self.option("layers"))
             return ProbePass.build(module, points, loader, units=self._shared_units, max_mb=self.cache_mb,
-                                   progress=lambda it, desc: self.progress(it, desc))
+                                   progress=lambda it, desc: self.progress(it, desc), previous=previous)
         shared = self.memo(epoch, "probe_pass", build)
+        self._last_pass = shared  # its label-derived tensors (computed by dissect) carry over to the next epoch's
         return shared if shared is not None else loader
 
     def _dissect(self, trainer, module, names: list[str], epoch: int) -> "OrderedDict[str, DissectionResult]":

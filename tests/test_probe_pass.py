@@ -57,3 +57,39 @@ def test_shared_probe_pass_gives_the_separate_passes_results_with_one_forward_pa
         assert a.name == b.name and a.num_images == b.num_images
         assert a.concept_shares.keys() == b.concept_shares.keys()
         assert all(abs(a.concept_shares[k] - b.concept_shares[k]) <= 1e-6 for k in a.concept_shares)
+
+
+def test_the_next_epochs_pass_reuses_the_label_tensors_and_gives_the_same_results(tmp_path, monkeypatch):
+    """The union labels (dissection_stats.union_labels) depend on the probe labels alone: the first epoch computes
+    them once per batch for all layers and both statistics; the next epoch's pass carries them over (no new call)
+    and its dissection equals one computed from scratch."""
+    import algorithms.dissection as dissection_module
+    from tests.test_dissection import fake_trainer as trainer_at
+
+    calls = []
+    real = dissection_module.union_labels
+    monkeypatch.setattr(dissection_module, "union_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = small_cnn()
+    dm = ToyDataModule(ToyProbe(n=N, size=16))
+    cb = DissectionCallback(layers=["backbone.conv3", "backbone.conv4"], probe_size=N, gallery_units=0,
+                            batch_size=BATCH, every_n_epochs=1, on_error="raise")
+    fresh = DissectionCallback(layers=["backbone.conv3", "backbone.conv4"], probe_size=N, gallery_units=0,
+                               batch_size=BATCH, every_n_epochs=1, on_error="raise")
+    batches = -(-N // BATCH)
+    for epoch in range(2):
+        trainer = trainer_at(tmp_path / "a", dm, epoch=epoch, max_epochs=2)
+        if epoch == 0:
+            cb.setup(trainer, model, "fit")
+        cb.on_train_epoch_end(trainer, model)
+        # epoch 0: once per batch (not per layer and statistic); epoch 1: none
+        assert len(calls) == batches, (epoch, len(calls))
+        if epoch == 0:
+            first = [b["seg_union"] for b in cb._last_pass.batches]
+    assert all(b["seg_union"] is f for b, f in zip(cb._last_pass.batches, first))
+    trainer = trainer_at(tmp_path / "b", dm, epoch=1, max_epochs=2)
+    fresh.setup(trainer, model, "fit")
+    fresh.on_train_epoch_end(trainer, model)
+    for layer in ("backbone.conv3", "backbone.conv4"):
+        a, b = cb.results[layer], fresh.results[layer]
+        for key in ("intersection", "unit_area", "concept_area", "concept_feature_sum"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
