@@ -250,6 +250,34 @@ def test_deletion_curve_and_auc_by_hand():
         deletion_curve(SumScore(), x, heat, torch.tensor([0]), steps=50)
 
 
+def test_deletion_curve_reuses_the_methods_scores_and_runs_the_all_deleted_image_once():
+    """The first column comes from the caller's scores of the unmodified inputs when given (no forward pass of
+    them), the last from one image (all pixels replaced is the same image for every input); the curve equals the one
+    computed image by image, step by step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    x, heat, target = torch.randn(6, 3, 8, 8), torch.rand(6, 8, 8), torch.randint(0, 5, (6,))
+    with torch.no_grad():
+        scores = model(x)
+    seen.clear()
+    curve = deletion_curve(model, x, heat, target, steps=4, max_batch=12, scores=scores)
+    assert seen == [1, 12, 6]  # the all-deleted image once; the 3 steps in between in chunks of 2 steps x 6 images
+    order = heat.flatten(1).argsort(1, descending=True)
+    for i in range(6):
+        for k, n in enumerate([0, 16, 32, 48, 64]):
+            xi = x[i].clone().flatten(1)
+            xi[:, order[i, :n]] = 0.0
+            with torch.no_grad():
+                p = model(xi.view(1, 3, 8, 8)).softmax(1)[0, target[i]]
+            assert abs(curve[i, k].item() - p.item()) < 1e-6, (i, k)
+    seen.clear()
+    torch.testing.assert_close(deletion_curve(model, x, heat, target, steps=4, max_batch=12), curve)
+    assert seen == [6, 1, 12, 6]  # without scores: one more pass, of the unmodified inputs
+
+
 def test_spearman_with_ties_equals_scipy():
     from scipy.stats import spearmanr
     g = torch.Generator().manual_seed(0)

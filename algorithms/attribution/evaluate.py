@@ -99,7 +99,8 @@ def evaluate(model: nn.Module, batches: Iterable[dict], methods: Sequence[str], 
                 stats[i, 3] += pointing_game(h, mask)[0].sum()
             if name in deletion_methods:
                 # chunks of max_batch images: larger forward batches were slower per image on CPU
-                auc = curve_auc(deletion_curve(score, x, heat, method.target_, deletion_steps, max_batch=max_batch))
+                auc = curve_auc(deletion_curve(score, x, heat, method.target_, deletion_steps, max_batch=max_batch,
+                                               scores=getattr(method, "scores_", None)))
                 stats[i, 4] += auc.sum()
                 stats[i, 5] += len(x)
         if sanity_method:

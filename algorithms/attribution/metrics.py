@@ -40,10 +40,13 @@ def energy_in_mask(heat: Tensor, mask: Tensor) -> Tensor:
 
 
 def deletion_curve(scores_fn: Callable[[Tensor], Tensor], inputs: Tensor, heat: Tensor, target: Tensor,
-                   steps: int = 20, baseline: float = 0.0, max_batch: int = 256) -> Tensor:
+                   steps: int = 20, baseline: float = 0.0, max_batch: int = 256,
+                   scores: Tensor | None = None) -> Tensor:
     """Class probability while the most important pixels are replaced by `baseline`, most important first
-    (Petsiuk et al. 2018): [B, steps + 1], column k after deleting k/steps of the pixels. All steps of all images
-    go through the model in chunks of at most `max_batch` images."""
+    (Petsiuk et al. 2018): [B, steps + 1], column k after deleting k/steps of the pixels. The steps in between go
+    through the model in chunks of at most `max_batch` images. The last column is the same image for every input
+    (all pixels replaced): one forward pass of one image. The first is the unmodified inputs: `scores`, their class
+    scores when the caller has them already (e.g. from the attribution method's own forward pass), else computed."""
     if not 1 <= steps <= MAX_DELETION_STEPS:
         raise ValueError(f"deletion steps={steps}: use 1..{MAX_DELETION_STEPS} (evaluation runs every epoch)")
     B, C, H, W = inputs.shape
@@ -52,15 +55,23 @@ def deletion_curve(scores_fn: Callable[[Tensor], Tensor], inputs: Tensor, heat: 
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(H * W, device=order.device).expand(B, -1))
     counts = torch.round(torch.linspace(0, 1, steps + 1, device=inputs.device) * H * W).long()
-    per_chunk = max(1, max_batch // B)
-    curve = []
+    fill = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
+
+    def probs(x: Tensor) -> Tensor:
+        return scores_fn(x).float().softmax(1)
+
     with torch.no_grad():
-        for start in range(0, steps + 1, per_chunk):
-            k = counts[start:start + per_chunk]  # [S]
+        first = (scores.float().softmax(1) if scores is not None else probs(inputs)).gather(1, target[:, None])
+        last = probs(fill.expand(1, C, H, W))[0, target][:, None]  # every pixel replaced: one image for all
+        middle = counts[1:-1]
+        curve = [first]
+        per_chunk = max(1, max_batch // B)
+        for start in range(0, len(middle), per_chunk):
+            k = middle[start:start + per_chunk]  # [S]
             keep = (rank[None] >= k[:, None, None]).view(len(k), B, 1, H, W)
-            x = torch.where(keep, inputs[None], torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device))
-            probs = scores_fn(x.flatten(0, 1)).float().softmax(1).view(len(k), B, -1)
-            curve.append(probs.gather(2, target.view(1, B, 1).expand(len(k), B, 1))[..., 0].T)
+            p = probs(torch.where(keep, inputs[None], fill).flatten(0, 1)).view(len(k), B, -1)
+            curve.append(p.gather(2, target.view(1, B, 1).expand(len(k), B, 1))[..., 0].T)
+        curve.append(last)
     return torch.cat(curve, 1)
 
 
