@@ -166,6 +166,35 @@ class DissectionCallback(InterpretationCallback):
         self._shared_layers += [n for n in layers if n not in self._shared_layers]
         self._shared_units = self._shared_units or bool(units)
 
+    def shares_probe(self, trainer, split: str, n: int) -> bool:
+        """Whether the first `n` items of the datamodule's `split` probe set (what featviz and attribution read) are
+        the first n of this callback's probe set, so a dependent can read their maps from the epoch's probe pass
+        (`first_maps`) instead of running the model over them again."""
+        if self.probe or split != self.probe_split or self._active is False or not self.enabled:
+            return False
+        try:
+            probe = self.probe_dataset(trainer)
+        except Exception:  # noqa: BLE001 - this callback reports it (setup); the dependent reads the images itself
+            return False
+        return probe is not None and len(probe) >= n
+
+    def first_maps(self, trainer, module, epoch: int, layer: str, n: int):
+        """[(maps of `layer` [b, U, h, w], dataset indices [b])] of this rank's probe items with index < n, from the
+        epoch's probe pass (`share_probe_pass([layer])` before training); None when the pass was not kept
+        (cache_mb) or does not hold the layer, and the caller runs the model itself."""
+        shared = self.probe_batches(trainer, module, epoch)
+        if not isinstance(shared, ProbePass) or layer not in shared.layers:
+            return None
+        out = []
+        for batch in shared:
+            if "index" not in batch:
+                return None
+            maps = batch["maps"][layer]
+            keep = batch["index"].to(maps.device) < n
+            if keep.any():
+                out.append((maps[keep], batch["index"].to(maps.device)[keep]))
+        return out
+
     def probe_batches(self, trainer, module, epoch: int):
         """This rank's probe batches for `epoch`: the shared algorithms.probe_pass.ProbePass (one forward pass over
         the probe set for dissection and its dependents, computed once per epoch), or the plain loader when the

@@ -9,7 +9,8 @@ import torch
 from algorithms.attribution.masks import SPLITS, probe_items
 from algorithms.featviz import (PARAMETRISATIONS, colour_correlation_sqrt, featviz_jobs, featviz_result,
                                 first_layer_filters, keep_top, no_top_activations, save_grid, save_patch_grid,
-                                standard_transforms, top_activations, visualize_units)
+                                standard_transforms, top_activations, top_activations_of_maps,
+                                visualize_units)
 from callbacks.base import InterpretationCallback, check_fraction, check_int
 from core import distributed as D
 from core.errors import ConfigError
@@ -66,11 +67,24 @@ class FeatureVisualizationCallback(InterpretationCallback):
 
     # ----- before training ------------------------------------------------------------------------------------
     def validate(self, trainer, module, datamodule) -> None:
-        resolve_one(module, self.layer, self.option("layer"))  # None: default_layer; unknown names list valid ones
+        layer = resolve_one(module, self.layer, self.option("layer")).name  # None: default_layer; unknown: listed
         if datamodule is not None:
             ds, _ = probe_items(datamodule, self.split, 1)
             if len(ds) == 0:
                 raise ConfigError(f"{self.option('split')}={self.split!r}: the {self.split} split has no images")
+        dissection = self._dissection(trainer)
+        if dissection is not None:
+            # the probe images' maps of the layer come from dissection's probe pass of each epoch
+            dissection.share_probe_pass([layer])
+
+    def _dissection(self, trainer):
+        """The run's dissection callback when its probe set starts with the images searched for top activations
+        (the same datamodule probe set and split): their maps then come from its probe pass. Else None."""
+        dissection = self.provider(trainer, "dissection", required=False)
+        dm = getattr(trainer, "datamodule", None)
+        if dissection is None or dm is None or not hasattr(dm, "probe_dataset"):
+            return None
+        return dissection if dissection.shares_probe(trainer, self.split, self.max_images) else None
 
     # ----- every few epochs -------------------------------------------------------------------------------------
     def run(self, trainer, module, epoch):
@@ -110,12 +124,20 @@ class FeatureVisualizationCallback(InterpretationCallback):
 
         # ---- maximally activating patches: probe images sharded, candidates gathered --------------------------
         units = [v for kind, v in jobs if kind == "unit"]
-        shard = self.shard(ds)
-        offset = shard.indices[0] if len(shard.indices) else 0
-        batches = (torch.stack([shard[j]["image"] for j in range(s, min(s + self.batch_size, len(shard)))]).to(device)
-                   for s in range(0, len(shard), self.batch_size))
-        top = (top_activations(module, layer, batches, units, min(self.k_patches, len(ds)), index_offset=offset)
-               if len(shard) else no_top_activations(len(units), maps.shape[-2:], device))
+        k = min(self.k_patches, len(ds))
+        dissection = self._dissection(trainer)
+        shared = dissection.first_maps(trainer, module, epoch, layer, len(ds)) if dissection is not None else None
+        # every rank takes the same branch: the pass is kept or not on all ranks together (ProbePass.build)
+        if shared is not None:
+            top = (top_activations_of_maps(shared, units, k) if shared
+                   else no_top_activations(len(units), maps.shape[-2:], device))
+        else:
+            shard = self.shard(ds)
+            offset = shard.indices[0] if len(shard.indices) else 0
+            batches = (torch.stack([shard[j]["image"] for j in range(s, min(s + self.batch_size, len(shard)))])
+                       .to(device) for s in range(0, len(shard), self.batch_size))
+            top = (top_activations(module, layer, batches, units, k, index_offset=offset)
+                   if len(shard) else no_top_activations(len(units), maps.shape[-2:], device))
         vals, idx, pos = keep_top(D.all_gather_cat(top.values), D.all_gather_cat(top.indices),
                                   D.all_gather_cat(top.positions), min(self.k_patches, len(ds)))
         top = top._replace(values=vals, indices=idx, positions=pos)

@@ -93,3 +93,53 @@ def test_the_next_epochs_pass_reuses_the_label_tensors_and_gives_the_same_result
         a, b = cb.results[layer], fresh.results[layer]
         for key in ("intersection", "unit_area", "concept_area", "concept_feature_sum"):
             assert torch.equal(getattr(a, key), getattr(b, key)), key
+
+
+def _featviz_epoch(tmp_path, with_dissection: bool):
+    """featviz's top activations over the first 12 probe images after one epoch, with the run's dissection callback
+    (its probe pass holds the layer's maps) or alone; returns (metrics, top indices, images the model saw)."""
+    from callbacks.featviz import FeatureVisualizationCallback
+    from tests.test_dissection import fake_trainer as trainer_at
+
+    model = small_cnn()
+    dm = ToyDataModule(ToyProbe(n=N, size=16))
+    dm.class_names = ["a", "b", "c"]
+    fv = FeatureVisualizationCallback(layer="backbone.conv3", num_units=3, steps=2, k_patches=2, max_images=12,
+                                      batch_size=5, every_n_epochs=1, on_error="raise", transforms=False)
+    callbacks = [fv]
+    if with_dissection:
+        callbacks.append(DissectionCallback(layers=["backbone.conv4"], probe_size=N, gallery_units=0,
+                                           batch_size=BATCH, every_n_epochs=5, run_on_last_epoch=False))
+    trainer = trainer_at(tmp_path, dm, epoch=0, max_epochs=2)
+    trainer.callbacks = callbacks
+    for cb in callbacks:
+        cb.setup(trainer, model, "fit")
+    seen = []
+    handle = model.backbone.stages[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    saved = {}
+    real = fv._render
+    fv._render = lambda trainer, module, dm, ds, jobs, images, top, result: saved.update(top=top) or real(
+        trainer, module, dm, ds, jobs, images, top, result)
+    try:
+        fv.on_train_epoch_end(trainer, model)
+    finally:
+        handle.remove()
+    return fv.last_metrics, saved["top"], seen
+
+
+def test_featviz_reads_the_probe_images_maps_from_dissections_pass(tmp_path):
+    """With a dissection callback whose probe set starts with featviz's images, featviz's top activations come from
+    the epoch's probe pass (conv3 added to it): the same values, images and positions, and the model does not run
+    over the 12 images again (the pass runs over dissection's 24, although dissection is not due this epoch)."""
+    alone, top_alone, seen_alone = _featviz_epoch(tmp_path / "alone", with_dissection=False)
+    shared, top_shared, seen_shared = _featviz_epoch(tmp_path / "shared", with_dissection=True)
+    # featviz's own batches of 5, 5 and 2 probe images (the optimisation's batches are 6 jobs, the first capture 1)
+    assert seen_alone.count(5) == 2 and seen_alone.count(2) == 1
+    assert 5 not in seen_shared and 2 not in seen_shared
+    assert seen_shared.count(BATCH) == 2 and seen_shared.count(N - 2 * BATCH) == 1  # the pass over 24 images
+    torch.testing.assert_close(top_shared.values, top_alone.values, atol=1e-6, rtol=1e-6)
+    assert torch.equal(top_shared.indices, top_alone.indices) and torch.equal(top_shared.positions,
+                                                                               top_alone.positions)
+    assert alone.keys() == shared.keys() and alone
+    for key, value in alone.items():
+        assert abs(value - shared[key]) <= 1e-6 * max(1.0, abs(value)), key

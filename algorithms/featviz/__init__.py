@@ -8,7 +8,7 @@ Lightning):
 - transforms.py: `pad`, `jitter`, `random_scale`, `random_rotate`, `compose` (fused affine), `fit_size`,
   `standard_transforms`
 - optimise.py: `visualize`, `objective_forward`, `unit_activation`, `optimised_layer`, `visualize_units`
-- dataset_examples.py: `top_activations`, `keep_top`, `crop_patches`, `first_layer_filters`
+- dataset_examples.py: `top_activations` (`top_activations_of_maps` from maps already computed), `keep_top`, `crop_patches`, `first_layer_filters`
 - result.py: `FeatvizResult` (schema "featviz"), `featviz_result`, `GAIN_FLOOR`
 - render.py: `save_grid`, `save_patch_grid`
 
@@ -17,7 +17,8 @@ Lightning):
     images01, info = visualize(model, obj, param, standard_transforms(64 / 224), steps=256, normalize=dm.normalize)
 """
 from algorithms.featviz.dataset_examples import (TopActivations, crop_patches, first_layer_filters, keep_top,
-                                                 no_top_activations, top_activations)
+                                                 no_top_activations, top_activations,
+                                                 top_activations_of_maps)
 from algorithms.featviz.objectives import (Objective, channel, class_logit, diversity, featviz_jobs, neuron,
                                            unit_objective)
 from algorithms.featviz.optimise import (objective_forward, objective_points, optimised_layer, unit_activation,
@@ -34,5 +35,5 @@ __all__ = ["AffineTransform", "FeatvizResult", "FeatvizUnit", "FourierImage", "G
            "colour_correlation_sqrt", "compose", "crop_patches", "diversity", "featviz_jobs", "featviz_result",
            "first_layer_filters", "fit_size", "jitter", "keep_top", "neuron", "no_top_activations",
            "objective_forward", "objective_points", "optimised_layer", "pad", "random_rotate", "random_scale",
-           "save_grid", "save_patch_grid", "standard_transforms", "top_activations", "unit_activation",
+           "save_grid", "save_patch_grid", "standard_transforms", "top_activations", "top_activations_of_maps", "unit_activation",
            "unit_objective", "visualize", "visualize_units"]

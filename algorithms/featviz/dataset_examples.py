@@ -43,20 +43,32 @@ def top_activations(model: nn.Module, layer: str, batches, units: Sequence[int],
     """Per unit, the k images of `batches` (normalised image tensors in dataset order, the first at dataset index
     `index_offset`) where the unit's maximum activation is largest (see TopActivations). Vectorised over units and
     images; the running candidates are merged with one top-k per batch; each forward pass stops at `layer`."""
-    units_t = torch.as_tensor(list(units), dtype=torch.long)
     point = resolve_one(model, layer)
+
+    def maps():
+        seen = index_offset
+        for x in batches:
+            yield (capture(model, None, x, points={point.name: point}).acts[point.name],
+                   torch.arange(seen, seen + len(x), device=x.device))
+            seen += len(x)
+    return top_activations_of_maps(maps(), units, k)
+
+
+@torch.no_grad()
+def top_activations_of_maps(maps, units: Sequence[int], k: int = 8) -> TopActivations:
+    """`top_activations` from maps already computed: `maps` yields (the layer's maps [B, U_all, h, w], the images'
+    dataset indices [B]) -- e.g. the maps of the epoch's shared probe pass (algorithms/probe_pass.py)."""
+    units_t = torch.as_tensor(list(units), dtype=torch.long)
     vals = idx = pos = None
-    seen = index_offset
-    shape, mean_sum = None, 0.0
-    for x in batches:
-        a = capture(model, None, x, points={point.name: point}).acts[point.name]
-        a = a[:, units_t.to(x.device)]  # [B, U, h, w]
+    shape, mean_sum, seen = None, 0.0, 0
+    for a, index in maps:
+        a = a[:, units_t.to(a.device)]  # [B, U, h, w]
         shape = a.shape[-2:]
         mean_sum = mean_sum + a.mean((2, 3)).sum(0)
         flat_max, flat_arg = a.flatten(2).max(2)  # [B, U]
-        b_idx = torch.arange(seen, seen + len(x), device=x.device)[:, None].expand_as(flat_max)
+        b_idx = index.to(a.device).long()[:, None].expand_as(flat_max)
         p = torch.stack([flat_arg // shape[1], flat_arg % shape[1]], -1)
-        seen += len(x)
+        seen += len(a)
         if vals is None:
             vals, idx, pos = flat_max, b_idx, p
         else:
@@ -64,7 +76,7 @@ def top_activations(model: nn.Module, layer: str, batches, units: Sequence[int],
         vals, idx, pos = keep_top(vals, idx, pos, k)
     if vals is None:
         raise ValueError("no images to search for top activations")
-    return TopActivations(vals, idx, pos, tuple(shape), mean_sum, seen - index_offset)
+    return TopActivations(vals, idx, pos, tuple(shape), mean_sum, seen)
 
 
 def no_top_activations(units: int, map_size: Sequence[int], device=None) -> TopActivations:
