@@ -64,8 +64,12 @@ class DecisionTreeCallback(InterpretationCallback):
 
     def validate(self, trainer, module, datamodule) -> None:
         self.check_settings()
-        choose_source(module, self.layer, self.source, option=self.option("source"))
-        if self.provider(trainer, "dissection").probe_dataset(trainer) is None:
+        source, _ = choose_source(module, self.layer, self.source, option=self.option("source"))
+        dissection = self.provider(trainer, "dissection")
+        if source == "unit_head":
+            # the exact rationales read unit_contributions' output from dissection's probe pass of each epoch
+            dissection.share_probe_pass(units=True)
+        if dissection.probe_dataset(trainer) is None:
             if D.is_rank_zero() and not self._said_off:
                 log.info("%s: off for this run (no concept probe set)", self.option("")[:-1])
             self._said_off = True
@@ -74,8 +78,11 @@ class DecisionTreeCallback(InterpretationCallback):
     def run(self, trainer, module, epoch):
         dissection_cb = self.provider(trainer, "dissection")
         probe = dissection_cb.probe_dataset(trainer)
-        rat = collect_rationales(module, self.loader(self.shard(probe)), self.layer, self.source,
-                                 option=self.option("source"))
+        source, _ = choose_source(module, self.layer, self.source, option=self.option("source"))
+        # the unit-head form reads the epoch's probe pass (the same shard and batches as a loader of its own)
+        batches = (dissection_cb.probe_batches(trainer, module, epoch) if source == "unit_head"
+                   else self.loader(self.shard(probe)))
+        rat = collect_rationales(module, batches, self.layer, self.source, option=self.option("source"))
         dissection = dissection_cb.result(trainer, module, epoch, rat.layer)
         dm = getattr(trainer, "datamodule", None)
         names = getattr(dm, "class_names", None)

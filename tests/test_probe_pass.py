@@ -143,3 +143,38 @@ def test_featviz_reads_the_probe_images_maps_from_dissections_pass(tmp_path):
     assert alone.keys() == shared.keys() and alone
     for key, value in alone.items():
         assert abs(value - shared[key]) <= 1e-6 * max(1.0, abs(value)), key
+
+
+def test_decision_tree_reads_the_unit_contributions_from_the_probe_pass(tmp_path):
+    """The exact (unit-head) rationales come from the output of unit_contributions that the epoch's probe pass
+    holds: the same tree, and no model pass of the tree's own over the probe images (one pass over the 24 images in
+    all, plus head_bias's two of one image)."""
+    from callbacks.decision_tree import DecisionTreeCallback
+    from tests.test_dissection import fake_trainer as trainer_at
+
+    def epoch(path, cache_mb):
+        model = small_cnn()
+        dm = ToyDataModule(ToyProbe(n=N, size=16))
+        dm.class_names = ["a", "b", "c"]
+        dcb = DissectionCallback(probe_size=N, gallery_units=0, batch_size=BATCH, cache_mb=cache_mb,
+                                 on_error="raise")
+        tcb = DecisionTreeCallback(on_error="raise", shuffles=5, batch_size=BATCH)
+        trainer = trainer_at(path, dm)
+        trainer.callbacks = [tcb, dcb]
+        for cb in trainer.callbacks:
+            cb.setup(trainer, model, "fit")
+        seen = []
+        handle = model.backbone.stages[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
+        try:
+            tcb.on_train_epoch_end(trainer, model)
+        finally:
+            handle.remove()
+        return tcb.result, sum(seen)
+
+    shared, shared_images = epoch(tmp_path / "shared", 2048)
+    alone, alone_images = epoch(tmp_path / "alone", 0)   # no pass kept: the tree reads the probe set itself
+    assert shared_images == N + 2 and alone_images == 3 * N + 2  # alone: + dissection's two passes of its own
+    assert shared.metrics.keys() == alone.metrics.keys()
+    for key, value in alone.metrics.items():
+        assert abs(value - shared.metrics[key]) <= 1e-6, key
+    assert [n.terms(0.05) for n in shared.nodes] == [n.terms(0.05) for n in alone.nodes]

@@ -76,9 +76,10 @@ def gradient_rationale(model, x: torch.Tensor, layer: str, target: torch.Tensor 
     return rho.detach(), y.detach(), pred
 
 
-def unit_head_rationale(model, x: torch.Tensor, bias: torch.Tensor):
-    """(rho [B, D], scores y [B], pred [B]) exactly from the head: rho_j = a_j W_{pred j} on the routed units."""
-    s, routed, pred, _ = routed_evidence(model, x, bias)
+def unit_head_rationale(model, x: torch.Tensor, bias: torch.Tensor, units=None):
+    """(rho [B, D], scores y [B], pred [B]) exactly from the head: rho_j = a_j W_{pred j} on the routed units.
+    units: the output of `unit_contributions(x)` when already computed (the epoch's shared probe pass)."""
+    s, routed, pred, _ = routed_evidence(model, x, bias, units=units)
     rho = (s * routed).detach()
     return rho, rho.sum(1) + bias[pred], pred
 
@@ -86,9 +87,10 @@ def unit_head_rationale(model, x: torch.Tensor, bias: torch.Tensor):
 @torch.no_grad()
 def collect_rationales(model, loader, layer: str | None = None, source: str = "auto", device=None,
                        option: str = "source", gather: bool = True) -> Rationales:
-    """Rationales of every image of `loader` (items with "image", optional "label" / "index"). Under DDP each rank
-    reads its shard and, with `gather`, every rank returns the rationales of the whole probe set (in rank order),
-    so the tree built from them is the same on every rank."""
+    """Rationales of every image of `loader` (items with "image", optional "label" / "index", and "units" when the
+    loader is a shared probe pass that holds the output of `unit_contributions`: the unit-head form then runs no
+    model pass of its own). Under DDP each rank reads its shard and, with `gather`, every rank returns the
+    rationales of the whole probe set (in rank order), so the tree built from them is the same on every rank."""
     source, layer = choose_source(model, layer, source, option)
     device = device or P.model_device(model)
     parts: dict[str, list[torch.Tensor]] = {"rho": [], "scores": [], "residual": [], "pred": [], "labels": [],
@@ -101,7 +103,7 @@ def collect_rationales(model, loader, layer: str | None = None, source: str = "a
             if source == "unit_head":
                 if bias is None:
                     bias = head_bias(model, x)
-                rho, y, pred = unit_head_rationale(model, x, bias)
+                rho, y, pred = unit_head_rationale(model, x, bias, units=batch.get("units"))
             else:
                 rho, y, pred = gradient_rationale(model, x, layer)
             parts["rho"].append(rho.float())
