@@ -90,7 +90,7 @@ def result(name: str, ratio: Spread, vs: str, **figures) -> str:
     spread=<min>-<max> vs=<what the ratio divides by> key=value ... load=<1-minute load average>`."""
     def text(v) -> str:
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return f"{v:.3g}"
         return str(v).replace(" ", "_")
     fields = {"ratio": ratio.median, "spread": ratio.spread, "vs": vs, **figures,
               "load": round(os.getloadavg()[0], 1)}
