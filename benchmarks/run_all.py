@@ -27,14 +27,15 @@ ROOT = HERE.parent
 QUICK_ARGS = {
     "capsnet": ["--repeats", "3", "--steps", "1"],
     "decision_tree": ["--repeats", "3"],
-    "dissection": ["--images", "100", "--repeats", "2"],
+    "dissection": ["--images", "60", "--repeats", "2"],
     "dynconn": ["--repeat", "5"],
     "featviz": ["--steps", "2", "--repeats", "2"],
     "gan_dissection": ["--samples", "128", "--repeats", "3"],
     "gradcam": ["--batch", "8", "--repeats", "3"],
     "last_layer": ["--images", "120", "--rounds", "2"],
-    "push": ["--images", "2000", "--repeats", "2"],
-    "train_throughput": ["--epochs", "3"],
+    "push": ["--images", "1500", "--repeats", "2"],
+    # a 1000-image shapes set (generated once, ~15 s): 6000 images take ~1.5 min per epoch on a loaded machine
+    "train_throughput": ["--epochs", "3", "datamodule.n_train=1000", "datamodule.n_val=200", "datamodule.n_test=200"],
 }
 #: left out by --quick: trains models for many minutes
 QUICK_SKIP = {"callback_overhead"}
