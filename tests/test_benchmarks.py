@@ -119,3 +119,19 @@ def test_each_benchmark_prints_a_ratio_measured_in_its_run(path):
     assert any(c.func.id in ("interleaved", "Spread") for c in calls)
     ratio = results[0].args[1]
     assert not isinstance(ratio, ast.Constant)
+
+
+def test_interleaved_pairs_each_candidate_with_the_baseline_timed_right_before_it(monkeypatch):
+    import common
+    calls = []
+    seconds = iter([2.0, 3.0, 2.0, 1.0,    # round 1: base, a, base, b
+                    4.0, 4.0, 1.0, 3.0])   # round 2
+    monkeypatch.setattr(common, "synced_time", lambda fn: (fn(), next(seconds))[1])
+    base, ratios = common.interleaved(lambda: calls.append("base"),
+                                      {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2)
+    assert calls == ["base", "a", "b"] + ["base", "a", "base", "b"] * 2  # one untimed call of each first
+    assert base == [2.0, 2.0, 4.0, 1.0] and ratios["a"] == [1.5, 1.0] and ratios["b"] == [0.5, 3.0]
+    assert ratios["a"].median == 1.25 and ratios["b"].spread == "0.5-3"
+    line = common.result("x", ratios["b"], "the base line", n=3)
+    assert line.startswith("RESULT x ratio=1.75 spread=0.5-3 vs=the_base_line n=3 load=")
+    assert run_all.parse_result(line)["vs"] == "the_base_line"
