@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,18 +24,6 @@ def compose(overrides: list[str] | None = None, output_dir: str | Path | None = 
     return cfg
 
 
-def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
-    """Best wall time of `repeat` calls after `warmup` calls (seconds)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def synced_time(fn) -> float:
     """Wall time of one call, with the GPU (if any) synchronised before and after."""
     import torch
@@ -52,7 +41,6 @@ class Spread(list):
 
     @property
     def median(self) -> float:
-        import statistics
         return statistics.median(self)
 
     @property
