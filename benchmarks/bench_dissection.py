@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable ratios on a shared "
                         "machine)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache", action="store_true", help="keep decoded items in memory after the first read "
                         "(what the callback's probe set does from its second epoch on)")
     args = parser.parse_args()
@@ -75,7 +76,8 @@ def main() -> None:
     from models.cnn import CNNClassifier
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = CNNClassifier(num_classes=10, channels=3, image_size=args.size, backbone=args.backbone).eval()
+    model = CNNClassifier(num_classes=10, channels=3, image_size=args.size, backbone=args.backbone)
+    model = model.to(args.device).eval()
     with tempfile.TemporaryDirectory() as tmp:
         num_concepts = write_probe_folder(Path(tmp), args.images, args.size)
         probe = BrodenDataset(tmp, split="val", cache=args.cache)
@@ -84,7 +86,7 @@ def main() -> None:
         @torch.no_grad()
         def forward():
             for batch in loader:
-                model(batch["image"])
+                model(batch["image"].to(args.device))
 
         def dissection():
             dissect(model, [args.layer], loader)
@@ -94,7 +96,7 @@ def main() -> None:
     r = ratios["dissection"]
     print(f"{args.backbone} {args.layer}, {args.images} images {args.size} px decoded from a Broden folder "
           f"(cache {'on' if args.cache else 'off'}), masks {probe.seg_size[0]}x{probe.seg_size[1]}, {res.num_units} "
-          f"units, {num_concepts} concepts, {torch.get_num_threads()} threads")
+          f"units, {num_concepts} concepts, {torch.get_num_threads()} threads, {args.device}")
     print(f"  forward pass over the loader: median {base.median:.2f} s")
     print(f"  dissection / forward pass: {r}   (target <= 1.5)")
     result("dissection", r, "forward pass over the same loader", forward_s=base.median, images=args.images,

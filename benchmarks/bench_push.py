@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=0, help="the first N images of the push set (0: all of it)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable ratios on a shared machine)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("overrides", nargs="*", help="hydra overrides (default: the default run, ProtoPNet on shapes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -42,7 +43,7 @@ def main() -> None:
     dm = hydra.utils.instantiate(cfg.datamodule)
     dm.prepare_data()
     dm.setup("fit")
-    model = hydra.utils.instantiate(cfg.model).eval()
+    model = hydra.utils.instantiate(cfg.model).to(args.device).eval()
     callback = hydra.utils.instantiate(cfg.callbacks.prototypes)
     full = dm.push_dataloader(batch_size=model.push_batch_size)
     n = len(full.dataset) if args.images <= 0 else min(args.images, len(full.dataset))
@@ -52,7 +53,7 @@ def main() -> None:
     @torch.no_grad()
     def forward():
         for x, _, _ in loader:
-            model(x)
+            model(x.to(args.device))
 
     def push():
         res = push_prototypes(model, loader)
@@ -79,7 +80,7 @@ def main() -> None:
         files = sorted(p.name for p in callback.epoch_dir(trainer, 0).iterdir())
     print(f"{type(model).__name__} ({cfg.model.backbone}, {model.num_prototypes} prototypes) on "
           f"{type(dm).__name__}: push set {n} images at {model.image_size} px, batch {full.batch_size}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {args.device}")
     print(f"  forward pass over the push loader: median {base.median:.2f} s")
     print(f"  push alone / forward:              {ratios['push']}")
     print(f"  push + figures / forward:          {ratios['push+figures']}")

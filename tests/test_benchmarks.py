@@ -135,3 +135,12 @@ def test_interleaved_pairs_each_candidate_with_the_baseline_timed_right_before_i
     line = common.result("x", ratios["b"], "the base line", n=3)
     assert line.startswith("RESULT x ratio=1.75 spread=0.5-3 vs=the_base_line n=3 load=")
     assert run_all.parse_result(line)["vs"] == "the_base_line"
+
+
+def test_quick_arguments_name_existing_scripts_and_options():
+    scripts = run_all.scripts()
+    assert set(run_all.QUICK_ARGS) | run_all.QUICK_SKIP <= set(scripts)
+    for name, args in run_all.QUICK_ARGS.items():
+        source = scripts[name].read_text()
+        for flag in (a for a in args if a.startswith("--")):
+            assert f'"{flag}"' in source, f"bench_{name}.py has no option {flag}"
