@@ -85,5 +85,6 @@ def lucent_steps(model, layer: str, batch: int, size: int, steps: int):
             module._forward_hooks.clear()
     return run
 
+
 if __name__ == "__main__":
     main()
