@@ -11,6 +11,7 @@ PYTHON ?= $(VENV)/bin/python
 LOCK ?= requirements/ci.txt
 ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 # one stamp per interpreter, so switching PYTHON= installs into the new environment
 STAMP := .install-$(subst /,_,$(subst .,_,$(PYTHON))).stamp
@@ -43,8 +44,11 @@ test: install browser
 test-fast: install
 	$(PYTHON) -m pytest -n 2 --dist loadgroup -m "not slow and not ddp" $(PYTEST_ARGS)
 
+# Every benchmarks/bench_*.py in its own process, then one table (benchmarks/run_all.py); BENCH_ARGS=--quick for
+# small sizes without the benchmarks that train models. The public implementations timed side by side come with the
+# `bench` extra: $(PYTHON) -m pip install -c $(LOCK) -e ".[bench]"
 bench: install
-	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PYTHON) $$f || exit 1; done
+	$(PYTHON) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .install*.stamp

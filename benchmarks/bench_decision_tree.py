@@ -9,7 +9,6 @@ naive loop must give the same merges. Run: `python3 benchmarks/bench_decision_tr
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from algorithms.decision_tree.build import agglomerate, mode_fit, unit_rationales  # noqa: E402
-from benchmarks.common import synced_time  # noqa: E402
+from benchmarks.common import Spread, result, synced_time  # noqa: E402
 
 
 def naive(u: torch.Tensor, sparsity: float) -> list[float]:
@@ -62,13 +61,17 @@ def main() -> None:
     base = times[f"incremental n={args.n}"]
     print(f"D={args.units} units, sparsity {args.sparsity}, {args.repeats} interleaved rounds, one thread")
     for name, ts in times.items():
-        ratios = [t / b for t, b in zip(ts, base)]
-        print(f"{name:>20}: median {statistics.median(ts) * 1e3:8.1f} ms   x{statistics.median(ratios):6.2f} of "
-              f"incremental n={args.n} (spread {min(ratios):.2f}-{max(ratios):.2f})")
+        ratios = Spread(t / b for t, b in zip(ts, base))
+        print(f"{name:>20}: median {Spread(ts).median * 1e3:8.1f} ms   x{ratios.median:6.2f} of incremental "
+              f"n={args.n} (spread {ratios.spread})")
+    versus = {}
     for n in sizes[:2]:
-        r = [a / b for a, b in zip(times[f"naive n={n}"], times[f"incremental n={n}"])]
-        print(f"naive / incremental at n={n}: median x{statistics.median(r):.1f} (spread {min(r):.1f}-{max(r):.1f})")
-
+        versus[n] = Spread(a / b for a, b in zip(times[f"incremental n={n}"], times[f"naive n={n}"]))
+        print(f"incremental / naive at n={n}: {versus[n]}")
+    growth = {f"growth_{k}n": Spread(t / b for t, b in zip(times[f"incremental n={k * args.n}"], base)).median
+              for k in (2, 4)}
+    result("decision_tree", versus[sizes[1]], "naive merge loop on the same images", n=sizes[1],
+           **{f"ratio_n{sizes[0]}": versus[sizes[0]].median}, **growth)
 
 if __name__ == "__main__":
     main()

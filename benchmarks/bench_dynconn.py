@@ -4,9 +4,9 @@ features (batch 256, 512 features, 365 classes, K = 5 -- the authors' Places365 
 On the CPU the head runs the compiled kernel (models/csrc/dynamic_k.c); the script also times the pure-torch
 selection (what runs on a GPU, for other dtypes, or without a C compiler) for comparison.
 
-Run: `python3 benchmarks/bench_dynconn.py [--device cuda] [--repeat N]`. The ratio is the median over N interleaved
-rounds (linear, then Dynamic-K) of their time ratio, so that load from other processes hits both sides of each ratio
-alike; the times printed are medians too.
+Run: `python3 benchmarks/bench_dynconn.py [--device cuda] [--repeat N]`. The ratios are the median and min-max over N
+interleaved rounds (linear, then Dynamic-K; linear, then the torch selection) of their time ratio, so that load from
+other processes hits both sides of each ratio alike; the times printed are medians too.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import timed_ratios, timeit  # noqa: E402  (puts the repository root on sys.path)
+from common import interleaved, result  # noqa: E402  (puts the repository root on sys.path)
 from models import dynk_kernel  # noqa: E402
 from models.dynconn import DynamicKLinear  # noqa: E402
 
@@ -29,9 +29,14 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=512)
     parser.add_argument("--classes", type=int, default=365)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--inner", type=int, default=10, help="forward+backward steps per timed call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, which the compiled kernel shares "
+                        "(1: stable ratios on a shared machine; 0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
     x = torch.relu(torch.randn(args.batch, args.features, device=dev)).requires_grad_()
@@ -44,29 +49,35 @@ def main() -> None:
             torch.cuda.synchronize()
 
     def run(module):
-        def step():
-            x.grad = None
-            module.zero_grad(set_to_none=True)
-            module(x).backward(g)
+        def steps():  # several per timed call: one step is a few ms, shorter than a scheduler's time slice
+            for _ in range(args.inner):
+                x.grad = None
+                module.zero_grad(set_to_none=True)
+                module(x).backward(g)
             sync()
-        return step
+        return steps
 
     kernel = dynk_kernel.applies(x, head.weight, head.bias, args.k)
     for _ in range(3):  # warm-up: the kernel's first call builds or loads it
         run(head)()
-    t_lin, ratios = timed_ratios(run(linear), {"dynk": run(head)}, repeats=args.repeat)
-    ratio = ratios["dynk"]
-    t_dk = ratio * t_lin
-    os.environ[dynk_kernel.ENV_SWITCH] = "0"
-    t_torch = timeit(run(head), repeat=max(3, args.repeat // 8), warmup=1)
-    os.environ.pop(dynk_kernel.ENV_SWITCH)
+
+    def torch_selection():
+        os.environ[dynk_kernel.ENV_SWITCH] = "0"
+        try:
+            run(head)()
+        finally:
+            os.environ.pop(dynk_kernel.ENV_SWITCH)
+
+    base, ratios = interleaved(run(linear), {"dynk": run(head), "torch": torch_selection}, args.repeat)
+    ratio, t_lin = ratios["dynk"], base.median
     print(f"device {dev}, {torch.get_num_threads()} threads; batch {args.batch}, {args.features} features, "
           f"{args.classes} classes, K = {args.k}")
-    print(f"linear head forward+backward: {t_lin * 1e3:.2f} ms; Dynamic-K head "
-          f"({'compiled CPU kernel' if kernel else 'torch selection'}): {t_dk * 1e3:.2f} ms; "
-          f"torch selection: {t_torch * 1e3:.2f} ms ({t_torch / t_lin:.1f}x linear)")
-    print(f"ratio Dynamic-K / linear: {ratio:.2f} (target <= {TARGET}) {'OK' if ratio <= TARGET else 'ABOVE TARGET'}")
-
+    print(f"linear head forward+backward: {t_lin / args.inner * 1e3:.2f} ms; Dynamic-K head "
+          f"({'compiled CPU kernel' if kernel else 'torch selection'}): {ratio}; torch selection: {ratios['torch']}")
+    print(f"ratio Dynamic-K / linear: {ratio.median:.2f} (target <= {TARGET}) "
+          f"{'OK' if ratio.median <= TARGET else 'ABOVE TARGET'}")
+    result("dynconn", ratio, "linear head forward+backward", torch_selection=ratios["torch"].median,
+           kernel=bool(kernel), linear_ms=t_lin / args.inner * 1e3)
 
 if __name__ == "__main__":
     main()

@@ -3,16 +3,18 @@
 A step = Fourier parametrisation (1/f, decorrelated colour, sigmoid) -> standard transforms (pad, jitter, scale,
 rotate, jitter; the affine ones fused) -> normalise -> forward (stopped after the hooked layer) -> gradient w.r.t.
 the image parameters only -> Adam. The baseline is a training-style forward + backward (parameter gradients) of a
-batch of the same size and resolution.
+batch of the same size and resolution; both are timed in interleaved rounds (median and min-max of the per-round
+ratios). torch-lucent (PyPI, the `bench` extra), the PyTorch port of Lucid, runs the same kind of step (Fourier
+image, decorrelated colour, its standard transforms, ImageNet normalisation, Adam) side by side when installed;
+skipped with one line otherwise.
 
     python3 benchmarks/bench_featviz.py [--backbone resnet18 --size 224 --batch 8 --layer backbone.layer4]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 
-from common import imagenet_model_and_batch, synced_time as _time  # also puts the repository root on sys.path
+from common import Spread, imagenet_model_and_batch, interleaved, result  # also puts the repository root on sys.path
 
 import torch  # noqa: E402
 
@@ -42,18 +44,46 @@ def main() -> None:
     def featviz_steps():
         visualize(model, objective, param, transforms, steps=args.steps, normalize=lambda im: (im - mean) / std)
 
-    fwd_bwd()
-    featviz_steps()
-    ratios, base = [], []
-    for _ in range(args.repeats):
-        b = _time(fwd_bwd)
-        f = _time(featviz_steps) / args.steps
-        ratios.append(f / b)
-        base.append(b)
+    candidates = {"ours": featviz_steps}
+    lucent = lucent_steps(model, args.layer, args.batch, args.size, args.steps)
+    if lucent is None:
+        print("torch-lucent not installed (pip install torch-lucent, or the project's `bench` extra): skipped")
+    else:
+        candidates["lucent"] = lucent
+    base, ratios = interleaved(fwd_bwd, candidates, args.repeats)
+    ratios = {k: Spread(r / args.steps for r in v) for k, v in ratios.items()}  # per step
     model.zero_grad(set_to_none=True)
     print(f"device={device} threads={torch.get_num_threads()} {args.backbone}@{args.size} batch={args.batch} "
-          f"objective=channel({args.layer}); forward+backward {statistics.median(base) * 1e3:.1f} ms")
-    print(f"featviz step / forward+backward  ratio {statistics.median(ratios):.2f}  (target <= 1.1)")
+          f"objective=channel({args.layer}); forward+backward {base.median * 1e3:.1f} ms")
+    print(f"featviz step (ours) / forward+backward    {ratios['ours']}  (target <= 1.1)")
+    extra = {}
+    if "lucent" in ratios:
+        print(f"torch-lucent step / forward+backward      {ratios['lucent']}")
+        extra["lucent"] = ratios["lucent"].median
+    result("featviz", ratios["ours"], "forward+backward of the batch", **extra)
+
+
+def lucent_steps(model, layer: str, batch: int, size: int, steps: int):
+    """`steps` steps of torch-lucent's render_vis with the channel objective of each image in the batch, or None
+    when lucent is not installed."""
+    try:
+        from lucent.optvis import objectives, param, render
+    except ImportError:
+        return None
+    target = model.get_probe_layer(layer)
+    # lucent names modules by their attribute path joined with "_"
+    name = next(n.replace(".", "_") for n, m in model.named_modules() if m is target)
+    objective = sum((objectives.channel(name, i, batch=i) for i in range(1, batch)),
+                    objectives.channel(name, 0, batch=0))
+
+    def run():
+        render.render_vis(model, objective, lambda: param.image(size, batch=batch), thresholds=(steps,),
+                          progress=False, show_image=False)
+        # render_vis hooks every module and never removes its hooks: left there, each call would run all earlier
+        # calls' hooks too (and so would the other candidates)
+        for module in model.modules():
+            module._forward_hooks.clear()
+    return run
 
 
 if __name__ == "__main__":

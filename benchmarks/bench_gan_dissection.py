@@ -1,5 +1,6 @@
 """GAN dissection cost: dissect_generator on N latents / generating and segmenting the same N samples (the work
-any GAN dissection has to do), as the median of interleaved ratios (load from other processes hits both sides).
+any GAN dissection has to do), as the median and min-max of interleaved ratios (load from other processes hits
+both sides).
 Target <= 1.5. The cost does not depend on training, so untrained networks of the default sizes are used unless
 checkpoints are given.
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import timed_ratios
+from common import interleaved, result
 
 import torch
 
@@ -23,7 +24,9 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--gan")
     p.add_argument("--segmenter")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable ratios on a shared machine)")
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     from algorithms.gan.dissection import dissect_generator
     from algorithms.gan.sampling import concept_masks, latents
     from models.gan import GAN
@@ -47,11 +50,13 @@ def main():
     def dissect():
         dissect_generator(gan, a.layer, a.samples, a.batch_size)
 
-    base, ratios = timed_ratios(generate_and_segment, {"dissect": dissect}, a.repeats)
-    print(f"generate + segment {a.samples} samples: {base:.2f} s (median of {a.repeats})")
-    print(f"GAN dissection of {a.layer} / generate + segment: {ratios['dissect']:.2f}x (median of {a.repeats} "
-          f"interleaved ratios) target <= 1.5")
-
+    base, ratios = interleaved(generate_and_segment, {"dissect": dissect}, a.repeats)
+    r = ratios["dissect"]
+    print(f"generate + segment {a.samples} samples: {base.median:.2f} s (median of {a.repeats}), "
+          f"{torch.get_num_threads()} threads")
+    print(f"GAN dissection of {a.layer} / generate + segment: {r}  target <= 1.5")
+    result("gan_dissection", r, "generate and segment the same samples", samples=a.samples,
+           generate_segment_s=base.median)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,10 @@
-"""Grad-CAM cost relative to one plain forward pass of the same batch (target <= 1.2).
+"""Grad-CAM cost relative to one plain forward pass of the same batch (target <= 1.2), with the public
+implementations timed side by side in the same interleaved rounds (median and min-max of the per-round ratios).
 
 resnet18 at 224 px, batch 16, layer4; the target class is the predicted one, picked inside the timed call (our
-GradCAM picks it from its own forward pass; captum's LayerGradCam needs a separate forward for it, timed both ways).
+GradCAM picks it from its own forward pass; captum's LayerGradCam needs a separate forward for it, timed both ways;
+pytorch-grad-cam (PyPI `grad-cam`, the `bench` extra) picks it from its own forward and returns maps upsampled to the
+input, min-max scaled per image). A reference that is not installed is skipped with one line.
 
     python3 benchmarks/bench_gradcam.py [--batch 16] [--size 224] [--repeats 5]
 """
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import imagenet_model_and_batch, timed_ratios  # also puts the repository root on sys.path
+from common import imagenet_model_and_batch, interleaved, result  # also puts the repository root on sys.path
 
 import torch  # noqa: E402
 
@@ -51,13 +54,30 @@ def main() -> None:
             t = model(x).argmax(1)
         captum.attribute(x, target=t, relu_attributions=True)
 
-    t_fwd, r = timed_ratios(forward, {"ours": ours, "captum": captum_map_only, "captum+target": captum_with_target},
-                            args.repeats)
+    candidates = {"ours": ours, "captum": captum_map_only, "captum+target": captum_with_target}
+    try:
+        from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+
+        def reference():
+            # its hooks stay on the layer until released: inside the call, so the other candidates never run them
+            with ReferenceGradCAM(model=model, target_layers=[layer]) as cam:
+                cam(input_tensor=x, targets=None)
+        candidates["pytorch-grad-cam"] = reference
+    except ImportError:
+        print("pytorch-grad-cam not installed (pip install grad-cam, or the project's `bench` extra): skipped")
+
+    t_fwd, r = interleaved(forward, candidates, args.repeats)
     print(f"device={device} threads={torch.get_num_threads()} {args.backbone}@{args.size} batch={args.batch} "
-          f"layer={args.layer}; plain forward (no_grad) {t_fwd * 1e3:.1f} ms; ratios are medians of interleaved rounds")
-    print(f"GradCAM (ours, predicted class from the same forward)  ratio {r['ours']:.2f}  (target <= 1.2)")
-    print(f"captum LayerGradCam, map only (target given)          ratio {r['captum']:.2f}")
-    print(f"captum LayerGradCam + forward to pick the target       ratio {r['captum+target']:.2f}")
+          f"layer={args.layer}; plain forward (no_grad) {t_fwd.median * 1e3:.1f} ms; ratios to it over interleaved "
+          f"rounds:")
+    print(f"GradCAM (ours, predicted class from the same forward)  {r['ours']}  (target <= 1.2)")
+    print(f"captum LayerGradCam, map only (target given)          {r['captum']}")
+    print(f"captum LayerGradCam + forward to pick the target       {r['captum+target']}")
+    extra = {"captum": r["captum"].median, "captum_target": r["captum+target"].median}
+    if "pytorch-grad-cam" in r:
+        print(f"pytorch-grad-cam GradCAM (predicted class)             {r['pytorch-grad-cam']}")
+        extra["pytorch_grad_cam"] = r["pytorch-grad-cam"].median
+    result("gradcam", r["ours"], "no-grad forward of the batch", **extra)
 
 
 if __name__ == "__main__":

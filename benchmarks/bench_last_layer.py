@@ -12,10 +12,10 @@ the public code's CE + coefs.l1 |off-class W| with Adam, so its F is what it rea
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
-import common  # noqa: F401  (puts the project root on sys.path)
+from common import Spread, result  # also puts the project root on sys.path
+
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4, help="the public code's last-layer learning rate")
     ap.add_argument("--batch", type=int, default=80)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable ratios on a shared machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,7 +67,7 @@ def main():
                 opt.step()
         return layer.weight.detach()
 
-    times = {"convex": [], "epochs": []}
+    times = {"convex": Spread(), "epochs": Spread()}
     fits, weights = [], []
     for _ in range(args.rounds):  # interleaved, so that load from other processes hits both alike
         t = time.perf_counter()
@@ -80,16 +80,16 @@ def main():
     f_epochs = float(last_layer_objective(weights[-1].double(), sims.double(), labels, off.double(), cfg.l1,
                                           cfg.l2)[0])
     fit = fits[-1]
-    ratios = [e / c for c, e in zip(times["convex"], times["epochs"])]
+    ratios = Spread(c / e for c, e in zip(times["convex"], times["epochs"]))
     print(f"{args.images} images, {args.classes} classes, {model.num_prototypes} prototypes, {args.size} px, "
           f"threads {torch.get_num_threads()}, {args.rounds} interleaved rounds")
     for name, ts in times.items():
-        print(f"  {name:7s} median {statistics.median(ts):7.2f} s  (min {min(ts):.2f}, max {max(ts):.2f})")
-    print(f"  epochs / convex time: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, "
-          f"max {max(ratios):.2f})")
+        print(f"  {name:7s} median {ts.median:7.2f} s  (min {min(ts):.2f}, max {max(ts):.2f})")
+    print(f"  convex / epochs time: {ratios}")
     print(f"  objective F: start {fit.initial_objective:.5f}, convex {fit.objective:.5f} (KKT residual "
           f"{fit.kkt_residual:.1e}, {fit.iterations} iterations), {args.epochs} Adam epochs {f_epochs:.5f}")
-
+    result("last_layer", ratios, f"{args.epochs} last-layer epochs of the public code", convex_F=fit.objective,
+           epochs_F=f_epochs, images=args.images)
 
 if __name__ == "__main__":
     main()

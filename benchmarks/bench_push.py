@@ -1,103 +1,94 @@
-"""ProtoPNet push speed: push time divided by the time of one plain forward pass over the same push set.
+"""ProtoPNet push on the default run's data path: push time / one plain forward pass over the same push loader, all
+timed interleaved in one run (median and min-max of the per-round ratios). Target <= 1.2 with files.
 
-    python3 benchmarks/bench_push.py                       # resnet18, 200 prototypes, 300 images at 224 px
-    python3 benchmarks/bench_push.py --image-size 112 --images 150 --threads 1
+The model, data and callback are the default run's (`python train.py`: ProtoPNet on shapes, the datamodule's
+push_dataloader, the prototype callback of conf/model/protopnet.yaml); the cost of a push does not depend on
+training, so the model is the seeded untrained one. Three candidates:
+- push: the projection alone (models/protopnet_push.push_prototypes);
+- push + files: and every file a push's callback writes, through callbacks.prototypes.PrototypeCallback.run itself
+  (prototypes.json, gallery pages, "this looks like that" panels, quality.json with its purity and hit-rate metrics
+  over the probe masks and the evidence share over the validation images);
+- push + figures: the push and the callback's render step only (records, gallery, panels; no quality metrics).
+The public code is not installable from a registry: no ratio of it is quoted; the floor is the forward pass.
 
-Prints two ratios: push with its files written (records JSON + gallery PNGs, what the callback writes after every
-push) and push alone, each the median (and min-max) over interleaved rounds of its time / the forward pass of the
-same round. Target: <= 1.2 with files. The public code is not installable from a registry: no ratio of it is quoted
-(figures from another machine are not comparable).
+    python3 benchmarks/bench_push.py [--images 0 (all)] [--repeats 3] [--threads 1] [hydra overrides]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import torch
+from common import compose, interleaved, result  # also puts the repository root on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from algorithms.prototypes import PrototypeRecords  # noqa: E402
-from algorithms.prototypes_render import render_gallery  # noqa: E402
-from models.protopnet import ProtoPNet  # noqa: E402
-from models.protopnet_push import push_prototypes  # noqa: E402
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--classes", type=int, default=20)
-    ap.add_argument("--per-class", type=int, default=10)
-    ap.add_argument("--images", type=int, default=300)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=75)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=0, help="the first N images of the push set (0: all of it)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable ratios on a shared machine)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 gives "
-                    "steadier ratios on a shared machine")
+    ap.add_argument("overrides", nargs="*", help="hydra overrides (default: the default run, ProtoPNet on shapes)")
     args = ap.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    from models.protopnet_push import push_prototypes
 
+    cfg = compose(args.overrides)
     torch.manual_seed(0)
-    model = ProtoPNet(num_classes=args.classes, channels=3, image_size=args.image_size, backbone=args.backbone,
-                      prototypes_per_class=args.per_class).to(args.device).eval()
-    x01 = torch.rand(args.images, 3, args.image_size, args.image_size)
-    y = torch.arange(args.images) % args.classes
-    x = (x01 - 0.5) / 0.25
-    batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size], torch.arange(i, min(i + args.batch_size,
-                                                                                          args.images)))
-               for i in range(0, args.images, args.batch_size)]
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    dm = hydra.utils.instantiate(cfg.datamodule)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = hydra.utils.instantiate(cfg.model).to(args.device).eval()
+    callback = hydra.utils.instantiate(cfg.callbacks.prototypes)
+    full = dm.push_dataloader(batch_size=model.push_batch_size)
+    n = len(full.dataset) if args.images <= 0 else min(args.images, len(full.dataset))
+    loader = DataLoader(Subset(full.dataset, range(n)), batch_size=full.batch_size, num_workers=full.num_workers)
+    class_names = list(getattr(dm, "class_names", None) or [])
 
     @torch.no_grad()
     def forward():
-        for bx, _, _ in batches:
-            model(bx.to(args.device))
-        sync()
+        for x, _, _ in loader:
+            model(x.to(args.device))
 
     def push():
-        result = push_prototypes(model, batches)
-        sync()
-        return result
+        res = push_prototypes(model, loader)
+        # what ProtoPNet.push records for its callback (the prototypes themselves are left as they were, so that
+        # every round pushes the same model)
+        model.last_push = res
+        model.push_history.append({"epoch": 0, **res.summary()})
+        return res
 
-    def push_with_files(out: Path):
-        result = push()
-        PrototypeRecords.build({}, result).save(out / "prototypes.json")
-        sources = {int(i): x01[int(i)] for i in result.image_index[result.pushed].unique().tolist()}
-        return render_gallery(result, sources, out)
-
-    forward()  # warm-up (allocator, cudnn autotuning, first matplotlib import)
     with tempfile.TemporaryDirectory() as tmp:
-        push_with_files(Path(tmp))
-        # interleaved rounds: a shared machine's load hits all three alike; ratios per round, then the median
-        rounds = []
-        for _ in range(args.repeats):
-            f = best_of(forward, 1)
-            rounds.append((f, best_of(push, 1) / f, best_of(lambda: push_with_files(Path(tmp)), 1) / f))
-        n_files = len(list(Path(tmp).iterdir()))
-    m = model.num_prototypes
-    print(f"device={args.device} backbone={args.backbone} prototypes={m} images={args.images} "
-          f"image_size={args.image_size} threads={torch.get_num_threads()}")
-    med = lambda i: statistics.median(r[i] for r in rounds)  # noqa: E731
-    span = lambda i: f"{min(r[i] for r in rounds):.2f}-{max(r[i] for r in rounds):.2f}"  # noqa: E731
-    print(f"forward pass:          {med(0):8.3f} s (median of {len(rounds)} rounds)")
-    print(f"push (no files):       ratio {med(1):5.2f} (min-max {span(1)})")
-    print(f"push + {n_files} files written: ratio {med(2):5.2f} (min-max {span(2)}; target <= 1.2)")
+        trainer = SimpleNamespace(datamodule=dm, default_root_dir=tmp, loggers=[], callbacks=[callback],
+                                  current_epoch=0, global_step=0)
+
+        def push_and_callback():
+            push()
+            callback.run(trainer, model, 0)
+
+        def push_and_figures():
+            res = push()
+            callback.render(trainer, model, dm, res, callback.epoch_dir(trainer, 0), class_names)
+
+        base, ratios = interleaved(forward, {"push": push, "push+files": push_and_callback,
+                                             "push+figures": push_and_figures}, args.repeats)
+        files = sorted(p.name for p in callback.epoch_dir(trainer, 0).iterdir())
+    print(f"{type(model).__name__} ({cfg.model.backbone}, {model.num_prototypes} prototypes) on "
+          f"{type(dm).__name__}: push set {n} images at {model.image_size} px, batch {full.batch_size}, "
+          f"{torch.get_num_threads()} threads, {args.device}")
+    print(f"  forward pass over the push loader: median {base.median:.2f} s")
+    print(f"  push alone / forward:              {ratios['push']}")
+    print(f"  push + figures / forward:          {ratios['push+figures']}")
+    print(f"  push + callback, all files / fwd:  {ratios['push+files']}   (target <= 1.2)")
+    print(f"  {len(files)} files written per push: {', '.join(files)}")
+    result("push", ratios["push+files"], "forward pass over the push loader", push_only=ratios["push"].median,
+           push_figures=ratios["push+figures"].median, files=len(files), images=n, forward_s=base.median)
+
 
 if __name__ == "__main__":
     main()

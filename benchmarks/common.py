@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,18 +24,6 @@ def compose(overrides: list[str] | None = None, output_dir: str | Path | None = 
     return cfg
 
 
-def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
-    """Best wall time of `repeat` calls after `warmup` calls (seconds)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def synced_time(fn) -> float:
     """Wall time of one call, with the GPU (if any) synchronised before and after."""
     import torch
@@ -47,20 +36,55 @@ def synced_time(fn) -> float:
     return time.perf_counter() - t
 
 
-def timed_ratios(baseline, candidates: dict, repeats: int) -> tuple[float, dict]:
-    """Median baseline time and, per candidate, the median of (candidate / baseline) over interleaved rounds, so that
-    load from other processes on a shared machine hits both sides of each ratio alike."""
-    import statistics
+class Spread(list):
+    """Measurements of one quantity over interleaved rounds: the median and the min-max spread."""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self)
+
+    @property
+    def spread(self) -> str:
+        return f"{min(self):.3g}-{max(self):.3g}"
+
+    def __str__(self) -> str:
+        return f"{self.median:.3g} (min-max {self.spread}, {len(self)} rounds)"
+
+
+def interleaved(baseline, candidates: dict, repeats: int) -> tuple[Spread, dict[str, Spread]]:
+    """Baseline seconds and, per candidate, its time / the baseline time measured right before it, over `repeats`
+    rounds (baseline, candidate, baseline, next candidate, ...), so that load from other processes on a shared
+    machine hits both sides of each ratio alike. One untimed call of each first (allocator, kernels, lazy imports)."""
     baseline()
     for fn in candidates.values():
-        fn()  # warm-up (allocator, kernels, lazy imports)
-    base, ratios = [], {k: [] for k in candidates}
+        fn()
+    base, ratios = Spread(), {k: Spread() for k in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
             b = synced_time(baseline)
             ratios[name].append(synced_time(fn) / b)
             base.append(b)
-    return statistics.median(base), {k: statistics.median(v) for k, v in ratios.items()}
+    return base, ratios
+
+
+def timed_ratios(baseline, candidates: dict, repeats: int) -> tuple[float, dict]:
+    """`interleaved`, reduced to the median baseline time and the median ratio of each candidate."""
+    base, ratios = interleaved(baseline, candidates, repeats)
+    return base.median, {k: v.median for k, v in ratios.items()}
+
+
+def result(name: str, ratio: Spread, vs: str, **figures) -> str:
+    """Print (and return) the one line `benchmarks/run_all.py` collects: `RESULT <name> ratio=<median>
+    spread=<min>-<max> vs=<what the ratio divides by> key=value ... load=<1-minute load average>`."""
+    def text(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v).replace(" ", "_")
+    fields = {"ratio": ratio.median, "spread": ratio.spread, "vs": vs, **figures,
+              "load": round(os.getloadavg()[0], 1)}
+    line = f"RESULT {name} " + " ".join(f"{k}={text(v)}" for k, v in fields.items())
+    print(line, flush=True)
+    return line
 
 
 def imagenet_model_and_batch(backbone: str, size: int, batch: int, threads: int | None = None):
