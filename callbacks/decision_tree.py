@@ -36,7 +36,7 @@ class DecisionTreeCallback(InterpretationCallback):
     def __init__(self, layer: str | None = None, source: str = "auto", sparsity: float = 0.05,
                  mode_loss: float = 0.005, max_modes: int = 8, min_images: int = 3, max_depth: int = 3,
                  figure_depth: int = 2,
-                 shuffles: int = 100, every_n_epochs: int = 3, run_on_last_epoch: bool = True, batch_size: int = 100,
+                 shuffles: int = 100, every_n_epochs: int = 1, run_on_last_epoch: bool = True, batch_size: int = 100,
                  render_every_n_epochs: int = 5, **kwargs):
         super().__init__(every_n_epochs=every_n_epochs, run_on_last_epoch=run_on_last_epoch, batch_size=batch_size,
                          **kwargs)
