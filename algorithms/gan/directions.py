@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 
 from algorithms.gan.result import LatentDirectionsResult
-from algorithms.gan.sampling import check_generator, concept_shares, rank_sum, segmenter_of, shard_latents
-from core import distributed as D
+from algorithms.gan.sampling import (check_generator, concept_shares, on_every_rank, rank_sum, segmenter_of,
+                                     shard_latents)
 from core.errors import ConfigError
 from core.probe import interpretation_mode, model_device
 
@@ -69,12 +69,7 @@ def traverse(model, directions: dict[str, torch.Tensor], alphas: Sequence[float]
     with interpretation_mode(model, grad=False):
         z, _ = shard_latents(model, num_samples, seed)
         for fam, dirs in directions.items():
-            s_sum = p_sum = error = None
-            try:
-                s_sum, p_sum = _traversal_sums(model, segmenter, z, dirs, alphas, batch_size)
-            except Exception as err:  # noqa: BLE001 - re-raised below on every rank together
-                error = err
-            D.raise_together(error, device)
+            s_sum, p_sum = on_every_rank(device, _traversal_sums, model, segmenter, z, dirs, alphas, batch_size)
             shares[fam] = (rank_sum(s_sum, 3, device) / num_samples).float().cpu()
             classes[fam] = (rank_sum(p_sum, 3, device) / num_samples).float().cpu()
     return LatentDirectionsResult(alphas=alphas, concept_names=list(segmenter.concept_names),

@@ -18,9 +18,8 @@ import torch
 from algorithms.dissection_result import DissectionResult
 from algorithms.dissection_stats import (IOU_THRESHOLD, gathered_quantiles, gathered_top, iou_statistics,
                                          reduce_sums, threshold_rank)
-from algorithms.gan.sampling import (agreed_shape, check_generator, concept_masks, generate_with, segmenter_of,
-                                     shard_latents)
-from core import distributed as D
+from algorithms.gan.sampling import (agreed_shape, check_generator, concept_masks, generate_with, on_every_rank,
+                                     segmenter_of, shard_latents)
 from core.errors import ConfigError
 from core.probe import interpretation_mode, model_device, resolve_one
 
@@ -103,12 +102,7 @@ def dissect_generator(model, layer: str, num_samples: int = 256, batch_size: int
     qs = [quantile] if method == "quantile" else list(candidates)
     with interpretation_mode(model, grad=False):
         z, first = shard_latents(model, num_samples, seed)
-        acts = labels = error = None
-        try:
-            acts, labels = _generate_share(model, layer, segmenter, z, batch_size, option)
-        except Exception as err:  # noqa: BLE001 - re-raised below on every rank together
-            error = err
-        D.raise_together(error, device)
+        acts, labels = on_every_rank(device, _generate_share, model, layer, segmenter, z, batch_size, option)
         local = None if acts is None else (*acts.shape[1:], *labels.shape[-2:])
         u, h, w, sh, sw = agreed_shape(local, 5, device)
         if acts is None:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from algorithms.dissection_result import DissectionResult
 from algorithms.gan.dissection import units_for
 from algorithms.gan.result import ConceptIntervention, InterventionResult
-from algorithms.gan.sampling import (agreed_shape, check_generator, concept_masks, generate_with, segmenter_of,
-                                     shard_latents)
+from algorithms.gan.sampling import (agreed_shape, check_generator, concept_masks, generate_with, on_every_rank,
+                                     segmenter_of, shard_latents)
 from core import distributed as D
 from core.errors import ConfigError
 from core.probe import interpretation_mode, model_device
@@ -83,31 +83,13 @@ def intervene(model, dissection: DissectionResult, concepts: Sequence[int], num_
     # the units of every measurement: the top units, then the random draws (one generator, the same on every rank)
     unit_sets = [[units_for(dissection, c, n)] + [torch.randperm(u, generator=g)[:n] for _ in range(random_draws)]
                  for c in concepts]
-    # per concept: pixels in P of the unedited samples showing c, then per unit set the pixels in P showing c
-    # ablated / inserted, the pixels in P where c was absent and now shows, and those where it was absent
-    counts = torch.zeros(len(concepts), 1 + 4 * (1 + random_draws), dtype=torch.float64)
-    error = None
     with interpretation_mode(model, grad=False):
         z, _ = shard_latents(model, num_samples, seed)
-        try:
-            base = _masks(model, layer, segmenter, z, batch_size)
-            pix = None if base is None else _pixels(area, base.shape[-2:]).to(base.device)
-            for row, (c, sets) in enumerate(zip(concepts, unit_sets) if base is not None else ()):
-                absent = ~base[:, c] & pix
-                counts[row, 0] = float((base[:, c] & pix).sum())
-                for i, units in enumerate(sets):
-                    k = dissection.thresholds[units] * insert_scale
-                    ablated = _masks(model, layer, segmenter, z, batch_size, unit_edit(units, 0.0, area))
-                    inserted = _masks(model, layer, segmenter, z, batch_size, unit_edit(units, k, area))
-                    counts[row, 1 + 4 * i:5 + 4 * i] = torch.stack([
-                        (ablated[:, c] & pix).sum(), (inserted[:, c] & pix).sum(), (inserted[:, c] & absent).sum(),
-                        absent.sum()]).double().cpu()
-        except Exception as err:  # noqa: BLE001 - re-raised below on every rank together
-            error = err
-        D.raise_together(error, device)
-        sizes = agreed_shape(None if base is None else base.shape[-2:], 2, device)
+        counts, size = on_every_rank(device, _local_counts, model, dissection, segmenter, z, concepts, unit_sets,
+                                     insert_scale, area, batch_size)
+        size = agreed_shape(size, 2, device)
         counts = D.all_reduce_sum(counts.to(device)).cpu()
-    pixels = float(_pixels(area, sizes).sum()) * int(num_samples)        # |P| summed over all samples
+    pixels = float(_pixels(area, size).sum()) * int(num_samples)        # |P| summed over all samples
     rows = []
     for c, sets, row in zip(concepts, unit_sets, counts):
         per = row[1:].view(-1, 4)                                # [1 + draws, (ablated, inserted, new, absent)]
@@ -122,6 +104,29 @@ def intervene(model, dissection: DissectionResult, concepts: Sequence[int], num_
     return InterventionResult(layer=layer, num_units=n, num_samples=int(num_samples), seed=int(seed),
                               insert_scale=float(insert_scale), region=None if region is None else list(region),
                               concepts=rows)
+
+
+def _local_counts(model, dissection, segmenter, z, concepts, unit_sets, insert_scale, area, batch_size):
+    """This rank's pixel counts [concepts, 1 + 4 x unit sets] (float64): per concept the pixels in P of the
+    unedited samples that show it, then per unit set the pixels in P that show it ablated / inserted, the pixels in
+    P where it was absent and shows after insertion, and those where it was absent; and the image size (zeros and
+    None without latents)."""
+    counts = torch.zeros(len(concepts), 1 + 4 * len(unit_sets[0]) if unit_sets else 1, dtype=torch.float64)
+    base = _masks(model, dissection.layer, segmenter, z, batch_size)
+    if base is None:
+        return counts, None
+    pix = _pixels(area, base.shape[-2:]).to(base.device)
+    for row, (c, sets) in enumerate(zip(concepts, unit_sets)):
+        absent = ~base[:, c] & pix
+        counts[row, 0] = float((base[:, c] & pix).sum())
+        for i, units in enumerate(sets):
+            k = dissection.thresholds[units] * insert_scale
+            ablated = _masks(model, dissection.layer, segmenter, z, batch_size, unit_edit(units, 0.0, area))
+            inserted = _masks(model, dissection.layer, segmenter, z, batch_size, unit_edit(units, k, area))
+            counts[row, 1 + 4 * i:5 + 4 * i] = torch.stack([
+                (ablated[:, c] & pix).sum(), (inserted[:, c] & pix).sum(), (inserted[:, c] & absent).sum(),
+                absent.sum()]).double().cpu()
+    return counts, tuple(base.shape[-2:])
 
 
 def _pixels(area: torch.Tensor | None, size) -> torch.Tensor:

@@ -97,3 +97,15 @@ def rank_sum(local: torch.Tensor | None, ndim: int, device) -> torch.Tensor:
     shape = agreed_shape(None if local is None else local.shape, ndim, device)
     t = torch.zeros(shape, dtype=torch.float64, device=device) if local is None else local.double()
     return D.all_reduce_sum(t)
+
+
+def on_every_rank(device, fn: Callable, *args):
+    """fn(*args), this rank's local work; a failure on any rank is raised on every rank here (D.raise_together: the
+    failing rank its own error, the others PeerFailure), so none is left waiting in the collectives that follow."""
+    out = error = None
+    try:
+        out = fn(*args)
+    except Exception as err:  # noqa: BLE001 - re-raised below on every rank together
+        error = err
+    D.raise_together(error, device)
+    return out
