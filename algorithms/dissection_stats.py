@@ -1,9 +1,9 @@
 """The statistics of network dissection (Bau et al., CVPR 2017), as tensor functions: exact quantile thresholds from
 per-unit top-k lists, IoU counts of thresholded unit maps against concept masks, and the per-concept feature sums of
-the IBD concept vectors. algorithms/dissection.py runs them over a probe set, algorithms/gan/dissection.py over generated
-samples. Under DDP each rank holds its shard's values: every count is a sum over images, all-reduced exactly
-(`reduce_sums`), and the thresholds and top images come from the gathered per-unit top-k lists (`gathered_quantiles`,
-`gathered_top`), so every rank ends with the single-process result.
+the IBD concept vectors. algorithms/dissection.py runs them over a probe set, algorithms/gan/dissection.py over
+generated samples. Under DDP each rank holds its shard's values: every count is a sum over images, all-reduced
+exactly (`reduce_sums`), and the thresholds and top images come from the gathered per-unit top-k lists
+(`gathered_quantiles`, `gathered_top`), so every rank ends with the single-process result.
 """
 from __future__ import annotations
 
