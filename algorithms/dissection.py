@@ -33,8 +33,8 @@ from torch import nn
 
 from algorithms.dissection_result import DissectionEpoch, DissectionResult  # noqa: F401 (re-exported)
 from algorithms.dissection_stats import (IOU_THRESHOLD, TOP_QUANTILE, concept_masks,  # noqa: F401 (re-exported)
-                                         direction_sums, exact_quantile, iou_statistics, quantile_from_top,
-                                         threshold_rank, union_labels)
+                                         direction_sums, exact_quantile, gathered_quantiles, gathered_top,
+                                         iou_statistics, quantile_from_top, reduce_sums, threshold_rank, union_labels)
 from algorithms.probe_pass import batch_maps
 from algorithms.probe_sets import (DissectionError, base_dataset, check_probe_dataset,  # noqa: F401 (re-exported)
                                    open_broden)
@@ -168,14 +168,8 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
         shape = torch.tensor(list(map_sizes.get(n, (0, 0))) + [t.shape[0] if t is not None else 0], device=device)
         shape = D.all_reduce_max(shape)
         h, w, units = (int(v) for v in shape.tolist())
-        total = n_images * h * w
-        k = threshold_rank(total, quantile)[3]
-        local = t[:, :k] if t is not None else torch.empty(units, 0, device=device)
-        if local.shape[1] < k:  # pad with -inf so every rank gathers the same width
-            local = torch.cat([local, local.new_full((units, k - local.shape[1]), -math.inf)], 1)
-        gathered = D.all_gather_cat(local.contiguous(), dim=1)
-        global_top = gathered.topk(k, dim=1).values
-        thresholds[n] = quantile_from_top(global_top, total, quantile)
+        local = t if t is not None else torch.empty(units, 0, device=device)
+        thresholds[n] = gathered_quantiles(local, n_images * h * w, [quantile])[0]
 
     # ---- pass 2: IoU counts (and concept directions) with the final thresholds ----
     stats = {n: None for n in names}
@@ -211,23 +205,12 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
             torch.zeros(units, num_concepts + 1, dtype=torch.float64, device=device),
             torch.zeros(units, dtype=torch.float64, device=device),
             torch.zeros(num_concepts + 1, dtype=torch.float64, device=device))
-        # one all-reduce for all counts of the layer (they are sums over images)
-        packed = D.all_reduce_sum(torch.cat([inter.flatten(), unit_area, concept_area]))
-        inter = packed[: inter.numel()].view_as(inter)
-        unit_area = packed[inter.numel(): inter.numel() + units]
-        concept_area = packed[inter.numel() + units:]
+        inter, unit_area, concept_area = reduce_sums(inter, unit_area, concept_area)
         scores, index = top_img[n]
         if scores is None:
             scores = torch.full((units, 0), -math.inf, device=device)
             index = torch.zeros((units, 0), dtype=torch.long, device=device)
-        if scores.shape[1] < top_n:
-            pad = top_n - scores.shape[1]
-            scores = torch.cat([scores, scores.new_full((units, pad), -math.inf)], 1)
-            index = torch.cat([index, index.new_full((units, pad), -1)], 1)
-        all_scores = D.all_gather_cat(scores.contiguous(), dim=1)
-        all_index = D.all_gather_cat(index.contiguous(), dim=1)
-        top_scores, j = all_scores.topk(min(top_n, n_images), dim=1)
-        top_index = torch.gather(all_index, 1, j)
+        top_scores, top_index = gathered_top(scores, index, top_n, n_images)
         h, w = map_sizes.get(n) or (0, 0)
         dirs = {}
         if concept_directions:
@@ -236,11 +219,9 @@ def dissect(model: nn.Module, layers: str | Sequence[str] | None, loader: Iterab
                 torch.zeros(num_concepts + 1, dtype=torch.float64, device=device),
                 torch.zeros(units, dtype=torch.float64, device=device),
                 torch.zeros(1, dtype=torch.float64, device=device))
-            packed = D.all_reduce_sum(torch.cat([c_sum.flatten(), c_w, f_sum, n_loc]))
-            dirs = dict(concept_feature_sum=packed[: c_sum.numel()].view_as(c_sum).cpu(),
-                        concept_weight=packed[c_sum.numel(): c_sum.numel() + c_w.numel()].cpu(),
-                        feature_sum=packed[c_sum.numel() + c_w.numel(): -1].cpu(),
-                        num_locations=int(packed[-1].item()))
+            c_sum, c_w, f_sum, n_loc = reduce_sums(c_sum, c_w, f_sum, n_loc)
+            dirs = dict(concept_feature_sum=c_sum.cpu(), concept_weight=c_w.cpu(), feature_sum=f_sum.cpu(),
+                        num_locations=int(n_loc.item()))
         results[n] = DissectionResult(
             layer=n, thresholds=thresholds[n].cpu(), intersection=inter.cpu(), unit_area=unit_area.cpu(),
             concept_area=concept_area.cpu(), concept_names=concept_names, concept_categories=concept_categories,

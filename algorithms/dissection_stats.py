@@ -1,12 +1,19 @@
 """The statistics of network dissection (Bau et al., CVPR 2017), as tensor functions: exact quantile thresholds from
 per-unit top-k lists, IoU counts of thresholded unit maps against concept masks, and the per-concept feature sums of
-the IBD concept vectors. algorithms/dissection.py runs them over a probe set; every count is a sum over images, so it
-is all-reduced exactly under DDP.
+the IBD concept vectors. algorithms/dissection.py runs them over a probe set, algorithms/gan/dissection.py over
+generated samples. Under DDP each rank holds its shard's values: every count is a sum over images, all-reduced
+exactly (`reduce_sums`), and the thresholds and top images come from the gathered per-unit top-k lists
+(`gathered_quantiles`, `gathered_top`), so every rank ends with the single-process result.
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from core import distributed as D
 
 IOU_THRESHOLD = 0.04   # "interpretable" (Bau et al. 2017, Sec. 2.2)
 TOP_QUANTILE = 0.005   # top 0.5% of activations are "on"
@@ -37,6 +44,37 @@ def exact_quantile(acts: torch.Tensor, quantile: float = TOP_QUANTILE) -> torch.
     flat = acts.transpose(0, 1).reshape(acts.shape[1], -1)
     k = threshold_rank(flat.shape[1], quantile)[3]
     return quantile_from_top(flat.topk(k, dim=1).values, flat.shape[1], quantile)
+
+
+def gathered_quantiles(local_top: torch.Tensor, total: int, quantiles: Sequence[float]) -> torch.Tensor:
+    """Exact thresholds [Q, U] (as exact_quantile) of the values of all ranks together, n = `total` of them, from each
+    rank's largest values per unit sorted descending [U, m] (any m >= 0: a short or empty shard is padded with -inf).
+    Only the k largest values can be an order statistic of a top quantile, so each rank sends k per unit."""
+    k = max(threshold_rank(total, q, local_top.dtype)[3] for q in quantiles)
+    local = local_top[:, :k]
+    if local.shape[1] < k:  # every rank gathers the same width
+        local = torch.cat([local, local.new_full((local.shape[0], k - local.shape[1]), -math.inf)], 1)
+    top = D.all_gather_cat(local.contiguous(), dim=1).topk(k, dim=1).values
+    return torch.stack([quantile_from_top(top, total, q) for q in quantiles])
+
+
+def gathered_top(scores: torch.Tensor, index: torch.Tensor, n: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best (score, image index) pairs per unit over all ranks, [U, min(n, total)] each, from each rank's
+    candidates scores/index [U, m] (index = the image's global index; any m >= 0, padded to n)."""
+    if scores.shape[1] < n:
+        pad = n - scores.shape[1]
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), -math.inf)], 1)
+        index = torch.cat([index, index.new_full((index.shape[0], pad), -1)], 1)
+    all_scores = D.all_gather_cat(scores.contiguous(), dim=1)
+    all_index = D.all_gather_cat(index.contiguous(), dim=1)
+    top, j = all_scores.topk(min(n, total), dim=1)
+    return top, torch.gather(all_index, 1, j)
+
+
+def reduce_sums(*sums: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor summed over ranks, with one all-reduce for all of them (they are sums over images)."""
+    packed = D.all_reduce_sum(torch.cat([t.flatten() for t in sums]))
+    return [part.view_as(t) for part, t in zip(packed.split([t.numel() for t in sums]), sums)]
 
 
 def concept_masks(seg: torch.Tensor, image_labels: torch.Tensor | None, num_concepts: int) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The GAN interpretation callbacks (lecture part 4), thin wrappers around algorithms/gan/: GAN dissection of a
 generator layer, interventions on each concept's top units, latent directions. They apply to models that offer
 `GenerativeModel` (core/protocol.py) and need its concept segmenter (`model.segmenter`); without one they switch
-themselves off before training with one warning. Every rank computes the same result from the same latents, so
-nothing is reduced; rank 0 writes <run>/interp/<name>/epoch_NNN/ (typed JSON + PNG) and logs to W&B.
+themselves off before training with one warning. Under DDP every rank draws the same probe latents and works on its
+contiguous share of them (algorithms/gan/sampling.py shard_latents): dissection thresholds come from the gathered
+per-unit top-k and its counts, the intervention pixel counts and the traversal sums are all-reduced, so every rank
+returns the single-process result; rank 0 writes <run>/interp/<name>/epoch_NNN/ (typed JSON + PNG) and logs to W&B.
 """
 from __future__ import annotations
 

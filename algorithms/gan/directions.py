@@ -10,9 +10,10 @@ from typing import Sequence
 import torch
 
 from algorithms.gan.result import LatentDirectionsResult
-from algorithms.gan.sampling import check_generator, concept_shares, latents, segmenter_of
+from algorithms.gan.sampling import (check_generator, concept_shares, on_every_rank, rank_sum, segmenter_of,
+                                     shard_latents)
 from core.errors import ConfigError
-from core.probe import interpretation_mode
+from core.probe import interpretation_mode, model_device
 
 FAMILIES = ("sefa", "random", "axes")
 
@@ -57,27 +58,39 @@ def traverse(model, directions: dict[str, torch.Tensor], alphas: Sequence[float]
              num_samples: int = 32, seed: int = 2, batch_size: int = 64, change_threshold: float = 0.01,
              eigenvalues: torch.Tensor | None = None) -> LatentDirectionsResult:
     """Concept shares and class probabilities of G(z + alpha n), averaged over `num_samples` latents, for every
-    direction n of every family. `change_threshold`: a concept whose share moves by more counts as changed."""
+    direction n of every family. `change_threshold`: a concept whose share moves by more counts as changed. Under DDP
+    each rank traverses from its share of the latents and the sums that make the means are all-reduced (the same
+    result on every rank; call it on every rank)."""
     check_generator(model)
     segmenter = segmenter_of(model)
     alphas = [float(a) for a in alphas]
+    device = model_device(model)
     shares, classes = {}, {}
     with interpretation_mode(model, grad=False):
-        z = latents(model, num_samples, seed)
+        z, _ = shard_latents(model, num_samples, seed)
         for fam, dirs in directions.items():
-            d = dirs.to(z)
-            # every (direction, alpha, z) as one batch axis: [D, A, N, latent]
-            zz = z[None, None] + torch.tensor(alphas, device=z.device).view(1, -1, 1, 1) * d[:, None, None]
-            flat = zz.reshape(-1, z.shape[1])
-            s, p = [], []
-            for i in range(0, len(flat), batch_size):
-                images = model.generate(flat[i:i + batch_size])
-                s.append(concept_shares(segmenter, images))
-                p.append(segmenter.class_scores(images).softmax(-1))
-            shares[fam] = torch.cat(s).view(len(d), len(alphas), len(z), -1).mean(2).cpu()
-            classes[fam] = torch.cat(p).view(len(d), len(alphas), len(z), -1).mean(2).cpu()
+            s_sum, p_sum = on_every_rank(device, _traversal_sums, model, segmenter, z, dirs, alphas, batch_size)
+            shares[fam] = (rank_sum(s_sum, 3, device) / num_samples).float().cpu()
+            classes[fam] = (rank_sum(p_sum, 3, device) / num_samples).float().cpu()
     return LatentDirectionsResult(alphas=alphas, concept_names=list(segmenter.concept_names),
                                   num_samples=int(num_samples), seed=int(seed),
                                   change_threshold=float(change_threshold),
                                   directions={k: v.cpu() for k, v in directions.items()}, shares=shares,
                                   classes=classes, eigenvalues=eigenvalues)
+
+
+def _traversal_sums(model, segmenter, z, dirs, alphas, batch_size):
+    """Sums over this rank's latents of the concept shares [D, A, C+1] and class probabilities [D, A, K] of
+    G(z + alpha n) (None, None without latents)."""
+    if not len(z):
+        return None, None
+    # every (direction, alpha, z) as one batch axis: [D, A, N, latent]
+    zz = z[None, None] + torch.tensor(alphas, device=z.device).view(1, -1, 1, 1) * dirs.to(z)[:, None, None]
+    flat = zz.reshape(-1, z.shape[1])
+    s, p = [], []
+    for i in range(0, len(flat), batch_size):
+        images = model.generate(flat[i:i + batch_size])
+        s.append(concept_shares(segmenter, images).double())
+        p.append(segmenter.class_scores(images).softmax(-1).double())
+    return (torch.cat(s).view(len(dirs), len(alphas), len(z), -1).sum(2),
+            torch.cat(p).view(len(dirs), len(alphas), len(z), -1).sum(2))

@@ -7,6 +7,7 @@ counts are algorithms/dissection_stats.py, shared with classifier dissection); `
 the unit's best concept that maximises the information quality ratio I(r>t; s_c) / H(r>t, s_c) over candidate top
 quantiles. The result is a `DissectionResult` (algorithms/dissection_result.py), so labels, tables, summaries and
 compare.py work as for a classifier; `top_images` index the probe latents (`latents(model, num_samples, seed)`).
+Under DDP the probe latents are sharded over the ranks and the statistics reduced exactly, as for a classifier.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from typing import Sequence
 import torch
 
 from algorithms.dissection_result import DissectionResult
-from algorithms.dissection_stats import IOU_THRESHOLD, exact_quantile, iou_statistics, quantile_from_top
-from algorithms.gan.sampling import check_generator, concept_masks, generate_with, latents, segmenter_of
+from algorithms.dissection_stats import (IOU_THRESHOLD, gathered_quantiles, gathered_top, iou_statistics,
+                                         reduce_sums, threshold_rank)
+from algorithms.gan.sampling import (agreed_shape, check_generator, concept_masks, generate_with, on_every_rank,
+                                     segmenter_of, shard_latents)
 from core.errors import ConfigError
-from core.probe import interpretation_mode
+from core.probe import interpretation_mode, model_device, resolve_one
 
 METHODS = ("quantile", "iqr")
 #: the netdissect code's GAN setting (top 1% per unit; classifier dissection uses 0.5%)
@@ -59,11 +62,25 @@ def information_quality_ratio(inter: torch.Tensor, unit_area: torch.Tensor, conc
 
 
 def _counts(acts, thresholds, labels, num_concepts, batch_size):
-    inter = unit_area = concept_area = 0
+    """This rank's IoU counts (intersection [U, C+1], unit area [U], concept area [C+1]); zeros for no samples."""
+    dev = thresholds.device
+    inter = torch.zeros(len(thresholds), num_concepts + 1, dtype=torch.float64, device=dev)
+    unit_area = torch.zeros(len(thresholds), dtype=torch.float64, device=dev)
+    concept_area = torch.zeros(num_concepts + 1, dtype=torch.float64, device=dev)
     for s in range(0, len(acts), batch_size):
         i, u, c = iou_statistics(acts[s:s + batch_size], thresholds, labels[s:s + batch_size], None, num_concepts)
         inter, unit_area, concept_area = inter + i, unit_area + u, concept_area + c
     return inter, unit_area, concept_area
+
+
+def _generate_share(model, layer, segmenter, z, batch_size, option):
+    """This rank's layer maps [n, U, h, w] and label maps [n, L, H, W] of its latents (None, None for none)."""
+    acts, masks = [], []
+    for s in range(0, len(z), batch_size):
+        images, r = generate_with(model, layer, z[s:s + batch_size], option=option)
+        acts.append(r.float())
+        masks.append(concept_masks(segmenter, images))
+    return (torch.cat(acts), label_maps(torch.cat(masks))) if acts else (None, None)
 
 
 def dissect_generator(model, layer: str, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
@@ -71,45 +88,51 @@ def dissect_generator(model, layer: str, num_samples: int = 256, batch_size: int
                       candidates: Sequence[float] = IQR_QUANTILES, num_top: int = 8,
                       option: str = "layer") -> DissectionResult:
     """Dissect `layer` of a `GenerativeModel` on `num_samples` latents drawn with `seed`; concepts come from the
-    model's `concept_segmenter`. Every rank computes the same result (the same z), so no reduction is needed."""
+    model's `concept_segmenter`. Under DDP each rank generates and segments its contiguous share of those latents;
+    the thresholds come from the gathered per-unit top-k and the counts are all-reduced, so every rank returns the
+    single-process result. Call it on every rank."""
     check_generator(model)
     if method not in METHODS:
         raise ConfigError(f"{option.rsplit('.', 1)[0]}.threshold={method!r}: use one of {', '.join(METHODS)}")
     segmenter = segmenter_of(model)
-    with interpretation_mode(model, grad=False):
-        z = latents(model, num_samples, seed)
-        acts, labels = [], []
-        for s in range(0, len(z), batch_size):
-            images, r = generate_with(model, layer, z[s:s + batch_size], option=option)
-            acts.append(r.float())
-            labels.append(concept_masks(segmenter, images))
-        acts, masks = torch.cat(acts), torch.cat(labels)
-        c = masks.shape[1] - 1
-        labels = label_maps(masks)
-        n, u, h, w = acts.shape
-        if method == "quantile":
-            thresholds = exact_quantile(acts, quantile)
-        else:
-            flat = acts.transpose(0, 1).reshape(u, -1).sort(dim=1, descending=True).values
-            cand = torch.stack([quantile_from_top(flat, flat.shape[1], q) for q in candidates])   # [Q, U]
-            stats = [_counts(acts, t, labels, c, batch_size) for t in cand]
-            inter = torch.stack([s[0] for s in stats])
-            iqr = information_quality_ratio(inter, torch.stack([s[1] for s in stats]), stats[0][2],
-                                            float(n * labels.shape[-2] * labels.shape[-1]))
-            iqr[..., 0] = 0
-            best_q = iqr.amax(dim=2).argmax(dim=0)                                                  # [U]
-            thresholds = cand[best_q, torch.arange(u)]
-        inter, unit_area, concept_area = _counts(acts, thresholds, labels, c, batch_size)
-        peak = acts.amax(dim=(2, 3))                                                                # [N, U]
-        top = peak.topk(min(num_top, n), dim=0)
+    resolve_one(model, layer, option)          # a bad name fails on every rank alike, also on one without samples
     names = list(segmenter.concept_names)
+    c = len(names) - 1
+    device = model_device(model)
+    qs = [quantile] if method == "quantile" else list(candidates)
+    with interpretation_mode(model, grad=False):
+        z, first = shard_latents(model, num_samples, seed)
+        acts, labels = on_every_rank(device, _generate_share, model, layer, segmenter, z, batch_size, option)
+        local = None if acts is None else (*acts.shape[1:], *labels.shape[-2:])
+        u, h, w, sh, sw = agreed_shape(local, 5, device)
+        if acts is None:
+            acts = torch.zeros(0, u, h, w, device=device)
+            labels = torch.zeros(0, 1, sh, sw, dtype=torch.int16, device=device)
+        n, total = int(num_samples), int(num_samples) * h * w
+        # each rank's k largest values per unit (k of the largest candidate quantile) -> exact global thresholds
+        k = max(threshold_rank(total, q)[3] for q in qs)
+        flat = acts.transpose(0, 1).reshape(u, -1)
+        cand = gathered_quantiles(flat.topk(min(k, flat.shape[1]), dim=1).values, total, qs)         # [Q, U]
+        stats = [_counts(acts, t, labels, c, batch_size) for t in cand]
+        inter, unit_area, concept_area = reduce_sums(torch.stack([s[0] for s in stats]),
+                                                     torch.stack([s[1] for s in stats]), stats[0][2])
+        if method == "quantile":
+            best_q = torch.zeros(u, dtype=torch.long, device=device)
+        else:
+            iqr = information_quality_ratio(inter, unit_area, concept_area, float(n * sh * sw))
+            iqr[..., 0] = 0
+            best_q = iqr.amax(dim=2).argmax(dim=0)                                                   # [U]
+        units = torch.arange(u, device=device)
+        thresholds, inter, unit_area = cand[best_q, units], inter[best_q, units], unit_area[best_q, units]
+        peak = acts.amax(dim=(2, 3)).T                                                               # [U, n_local]
+        scores, j = peak.topk(min(num_top, peak.shape[1]), dim=1)
+        top_scores, top_images = gathered_top(scores, j + first, num_top, n)
     cats = list(getattr(segmenter, "concept_categories", [""] * len(names)))
     return DissectionResult(
         layer=layer, thresholds=thresholds.cpu(), intersection=inter.cpu(), unit_area=unit_area.cpu(),
         concept_area=concept_area.cpu(), concept_names=names, concept_categories=cats,
-        category_names=sorted({x for x in cats if x}), num_images=n, map_size=(h, w),
-        seg_size=tuple(labels.shape[-2:]), top_images=top.indices.T.cpu(), top_scores=top.values.T.cpu(),
-        iou_threshold=IOU_THRESHOLD, quantile=quantile,
+        category_names=sorted({x for x in cats if x}), num_images=n, map_size=(h, w), seg_size=(sh, sw),
+        top_images=top_images.cpu(), top_scores=top_scores.cpu(), iou_threshold=IOU_THRESHOLD, quantile=quantile,
         extra={"source": "gan", "threshold": method, "seed": int(seed), "num_samples": int(num_samples)})
 
 

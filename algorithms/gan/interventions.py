@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from algorithms.dissection_result import DissectionResult
 from algorithms.gan.dissection import units_for
 from algorithms.gan.result import ConceptIntervention, InterventionResult
-from algorithms.gan.sampling import check_generator, concept_masks, generate_with, latents, segmenter_of
+from algorithms.gan.sampling import (agreed_shape, check_generator, concept_masks, generate_with, on_every_rank,
+                                     segmenter_of, shard_latents)
+from core import distributed as D
 from core.errors import ConfigError
-from core.probe import interpretation_mode
+from core.probe import interpretation_mode, model_device
 
 
 def unit_edit(units: torch.Tensor, value: torch.Tensor | float, region: torch.Tensor | None = None):
@@ -37,13 +39,13 @@ def unit_edit(units: torch.Tensor, value: torch.Tensor | float, region: torch.Te
     return edit
 
 
-def _masks(model, layer, segmenter, z, batch_size, edit=None) -> torch.Tensor:
-    """Concept masks of G(z) (with an edit) [N, C+1, H, W], batched."""
+def _masks(model, layer, segmenter, z, batch_size, edit=None) -> torch.Tensor | None:
+    """Concept masks of G(z) (with an edit) [N, C+1, H, W], batched; None for no latents (an empty DDP share)."""
     out = []
     for s in range(0, len(z), batch_size):
         images, _ = generate_with(model, layer, z[s:s + batch_size], edit)
         out.append(concept_masks(segmenter, images))
-    return torch.cat(out)
+    return torch.cat(out) if out else None
 
 
 def region_mask(size: tuple[int, int], box: Sequence[float] | None) -> torch.Tensor | None:
@@ -66,46 +68,69 @@ def intervene(model, dissection: DissectionResult, concepts: Sequence[int], num_
     """For each concept: ablate and insert its top `num_units` units by IoU (and `random_draws` sets of as many
     random units) on `num_samples` latents. Insertion sets a unit to `insert_scale` x its dissection threshold (a
     high quantile of its activations, the paper's k). `region`: [top, left, bottom, right] fractions of the map
-    where units are set (None: all pixels); shares are measured in that region of the image."""
+    where units are set (None: all pixels); shares are measured in that region of the image. Under DDP each rank
+    edits its share of the latents and the pixel counts are all-reduced (the same result on every rank; call it on
+    every rank)."""
     check_generator(model)
     segmenter = segmenter_of(model)
     layer = dissection.layer
     u = dissection.num_units
     n = min(int(num_units), u)
     g = torch.Generator().manual_seed(int(seed))
-    rows = []
+    area = region_mask(dissection.map_size, region)
+    device = model_device(model)
+    concepts = [int(c) for c in concepts]
+    # the units of every measurement: the top units, then the random draws (one generator, the same on every rank)
+    unit_sets = [[units_for(dissection, c, n)] + [torch.randperm(u, generator=g)[:n] for _ in range(random_draws)]
+                 for c in concepts]
     with interpretation_mode(model, grad=False):
-        z = latents(model, num_samples, seed)
-        base = _masks(model, layer, segmenter, z, batch_size)
-        area = region_mask(dissection.map_size, region)
-        pix = (torch.ones(base.shape[-2:], dtype=torch.bool) if area is None else
-               F.interpolate(area[None, None].float(), size=base.shape[-2:], mode="nearest")[0, 0].bool())
-        pix = pix.to(base.device)
-        denom = pix.sum().clamp_min(1)
-
-        def share(masks, c):
-            return float((masks[:, c] & pix).sum() / (denom * len(masks)))
-
-        def new_share(masks, c):   # of the pixels in P where c was absent, the share that now shows c
-            absent = ~base[:, c] & pix
-            return float((masks[:, c] & absent).sum() / absent.sum().clamp_min(1))
-
-        def effects(units, c):
-            k = dissection.thresholds[units] * insert_scale
-            ablated = _masks(model, layer, segmenter, z, batch_size, unit_edit(units, 0.0, area))
-            inserted = _masks(model, layer, segmenter, z, batch_size, unit_edit(units, k, area))
-            return share(ablated, c), share(inserted, c), new_share(inserted, c)
-
-        for c in concepts:
-            c = int(c)
-            top = units_for(dissection, c, n)
-            a, i, new = effects(top, c)
-            rand = torch.tensor([effects(torch.randperm(u, generator=g)[:n], c) for _ in range(random_draws)])
-            rows.append(ConceptIntervention(
-                concept=c, name=dissection.concept_names[c], units=top.tolist(),
-                iou=dissection.iou[top, c].tolist(), base_share=share(base, c), ablated_share=a, inserted_share=i,
-                inserted_new_share=new, random_ablated_share=rand[:, 0].tolist(),
-                random_inserted_share=rand[:, 1].tolist(), random_inserted_new_share=rand[:, 2].tolist()))
+        z, _ = shard_latents(model, num_samples, seed)
+        counts, size = on_every_rank(device, _local_counts, model, dissection, segmenter, z, concepts, unit_sets,
+                                     insert_scale, area, batch_size)
+        size = agreed_shape(size, 2, device)
+        counts = D.all_reduce_sum(counts.to(device)).cpu()
+    pixels = float(_pixels(area, size).sum()) * int(num_samples)        # |P| summed over all samples
+    rows = []
+    for c, sets, row in zip(concepts, unit_sets, counts):
+        per = row[1:].view(-1, 4)                                # [1 + draws, (ablated, inserted, new, absent)]
+        ablated, inserted = (per[:, 0] / pixels).tolist(), (per[:, 1] / pixels).tolist()
+        new = (per[:, 2] / per[:, 3].clamp_min(1)).tolist()
+        top = sets[0]
+        rows.append(ConceptIntervention(
+            concept=c, name=dissection.concept_names[c], units=top.tolist(), iou=dissection.iou[top, c].tolist(),
+            base_share=float(row[0] / pixels), ablated_share=ablated[0], inserted_share=inserted[0],
+            inserted_new_share=new[0], random_ablated_share=ablated[1:], random_inserted_share=inserted[1:],
+            random_inserted_new_share=new[1:]))
     return InterventionResult(layer=layer, num_units=n, num_samples=int(num_samples), seed=int(seed),
                               insert_scale=float(insert_scale), region=None if region is None else list(region),
                               concepts=rows)
+
+
+def _local_counts(model, dissection, segmenter, z, concepts, unit_sets, insert_scale, area, batch_size):
+    """This rank's pixel counts [concepts, 1 + 4 x unit sets] (float64): per concept the pixels in P of the
+    unedited samples that show it, then per unit set the pixels in P that show it ablated / inserted, the pixels in
+    P where it was absent and shows after insertion, and those where it was absent; and the image size (zeros and
+    None without latents)."""
+    counts = torch.zeros(len(concepts), 1 + 4 * len(unit_sets[0]) if unit_sets else 1, dtype=torch.float64)
+    base = _masks(model, dissection.layer, segmenter, z, batch_size)
+    if base is None:
+        return counts, None
+    pix = _pixels(area, base.shape[-2:]).to(base.device)
+    for row, (c, sets) in enumerate(zip(concepts, unit_sets)):
+        absent = ~base[:, c] & pix
+        counts[row, 0] = float((base[:, c] & pix).sum())
+        for i, units in enumerate(sets):
+            k = dissection.thresholds[units] * insert_scale
+            ablated = _masks(model, dissection.layer, segmenter, z, batch_size, unit_edit(units, 0.0, area))
+            inserted = _masks(model, dissection.layer, segmenter, z, batch_size, unit_edit(units, k, area))
+            counts[row, 1 + 4 * i:5 + 4 * i] = torch.stack([
+                (ablated[:, c] & pix).sum(), (inserted[:, c] & pix).sum(), (inserted[:, c] & absent).sum(),
+                absent.sum()]).double().cpu()
+    return counts, tuple(base.shape[-2:])
+
+
+def _pixels(area: torch.Tensor | None, size) -> torch.Tensor:
+    """The region P at the image size (bool [H, W]; all pixels without a region)."""
+    if area is None:
+        return torch.ones(tuple(size), dtype=torch.bool)
+    return F.interpolate(area[None, None].float(), size=tuple(size), mode="nearest")[0, 0].bool()

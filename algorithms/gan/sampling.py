@@ -1,11 +1,15 @@
 """Generation with one generator layer read and, optionally, edited (the G(z) = f(h(z)) split of GAN Dissection),
-and the segmenter's concept masks of the generated images. Every GAN method runs through these two functions."""
+and the segmenter's concept masks of the generated images. Every GAN method runs through these two functions.
+
+Under DDP every method draws the same global probe latents and works on this rank's contiguous share of them
+(`shard_latents`); what it averages is summed over ranks (`rank_sum`), so the result equals the single-process one."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from core import distributed as D
 from core import probe
 from core.errors import CapabilityError, ConfigError
 from core.protocol import ConceptSegmenter, GenerativeModel, describe_missing
@@ -70,3 +74,38 @@ def latents(model, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed))
     z = model.sample_latent(int(n), generator=g)
     return z.to(probe.model_device(model))
+
+
+def shard_latents(model, n: int, seed: int) -> tuple[torch.Tensor, int]:
+    """(this rank's contiguous share of `latents(model, n, seed)`, the global index of its first latent). All n are
+    drawn on every rank and then sliced, so the shares of the ranks together are the single-process probe set."""
+    idx = D.shard_indices(int(n))
+    start = idx[0] if idx else 0
+    return latents(model, n, seed)[start:start + len(idx)], start
+
+
+def agreed_shape(shape: Sequence[int] | None, ndim: int, device) -> tuple[int, ...]:
+    """The shape every rank's local tensor has, also on a rank with an empty share (`shape` None, e.g. fewer
+    samples than ranks): the ranks that did the work report it (one max-reduce, called on every rank)."""
+    local = torch.tensor(list(shape) if shape is not None else [0] * ndim, device=device, dtype=torch.long)
+    return tuple(int(v) for v in D.all_reduce_max(local).tolist())
+
+
+def rank_sum(local: torch.Tensor | None, ndim: int, device) -> torch.Tensor:
+    """The float64 sum over ranks of `local` (None on a rank with an empty share: it adds zeros of the shape the
+    other ranks report)."""
+    shape = agreed_shape(None if local is None else local.shape, ndim, device)
+    t = torch.zeros(shape, dtype=torch.float64, device=device) if local is None else local.double()
+    return D.all_reduce_sum(t)
+
+
+def on_every_rank(device, fn: Callable, *args):
+    """fn(*args), this rank's local work; a failure on any rank is raised on every rank here (D.raise_together: the
+    failing rank its own error, the others PeerFailure), so none is left waiting in the collectives that follow."""
+    out = error = None
+    try:
+        out = fn(*args)
+    except Exception as err:  # noqa: BLE001 - re-raised below on every rank together
+        error = err
+    D.raise_together(error, device)
+    return out
