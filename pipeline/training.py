@@ -202,14 +202,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_record(run_dir, {"status": "running", "metrics": {}, "run_dir": str(run_dir), **record,
                                    **run_info(cfg)})
 
-        callbacks = instantiate_callbacks(cfg.get("callbacks"))
-        callbacks.append(LastCheckpoint(run_dir / "checkpoints", identity))
+        callbacks = run_callbacks(cfg, run_dir, identity)
         if "csv" in (cfg.get("logger") or {}) and resumed:
             with open_dict(cfg):
                 cfg.logger.csv.keep_before_step = resumed.get("batches_that_stepped")
         loggers, wandb_status = build_loggers(cfg, run_dir, run_id)
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                          plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)])
+        trainer = build_trainer(cfg, callbacks, loggers)
 
         fit_started = time.perf_counter()
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -244,6 +242,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         INTERRUPTS.restore()
         finish_run(cfg, run_dir, status, error, trainer, metrics, interp, record, wandb_status, started)
+
+
+def run_callbacks(cfg: DictConfig, run_dir: Path, identity: dict[str, Any]) -> list:
+    """The callbacks group and LastCheckpoint (last.ckpt after every epoch)."""
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks.append(LastCheckpoint(run_dir / "checkpoints", identity))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, **trainer_overrides) -> pl.Trainer:
+    """The run's Trainer: the trainer group with its callbacks, loggers and the atomic checkpoint writer
+    (benchmarks/bench_train_throughput.py times this one against a plain loop)."""
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                   plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)], **trainer_overrides)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> tuple[list, Any]:
