@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline.checkpoint_io import AtomicCheckpointIO
@@ -251,9 +251,19 @@ def run_callbacks(cfg: DictConfig, run_dir: Path, identity: dict[str, Any]) -> l
     return callbacks
 
 
+#: refreshes per second of the training progress bar. Lightning's default RichProgressBar redraws from a thread of its
+#: own that wakes 100 times a second: 1-5% of a training batch's CPU on a loaded 2-core machine (docs/overhead.md)
+PROGRESS_BAR_REFRESH_RATE = 2
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, **trainer_overrides) -> pl.Trainer:
-    """The run's Trainer: the trainer group with its callbacks, loggers and the atomic checkpoint writer
-    (benchmarks/bench_train_throughput.py times this one against a plain loop)."""
+    """The run's Trainer: the trainer group with its callbacks, loggers, the atomic checkpoint writer and, unless
+    the callbacks bring their own or `trainer.enable_progress_bar=false`, a progress bar refreshed
+    PROGRESS_BAR_REFRESH_RATE times a second (benchmarks/bench_train_throughput.py times this Trainer against a
+    plain loop)."""
+    enabled = trainer_overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar"))
+    if enabled is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        callbacks = [*callbacks, RichProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)]
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                    plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)], **trainer_overrides)
 
