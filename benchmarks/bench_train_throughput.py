@@ -96,6 +96,42 @@ class PlainLoop:
         return end[0] - start[0], end[1] - start[1]
 
 
+class Sides:
+    """The two sides of the comparison, built from one config: `framework_epoch(*callbacks)` trains one epoch
+    through the Trainer train.py builds (one fit per epoch, so that a plain epoch can run between two of them
+    outside Lightning, its progress bar thread included; per-fit setup is outside the epoch, as in a real run) and
+    `plain.epoch()` one plain epoch."""
+
+    def __init__(self, overrides: list[str], run_dir: Path, batches: int | None):
+        from pipeline.training import build_loggers
+        base = ["callbacks=minimal", "logger=csv"]
+        cfg = compose(base + overrides, output_dir=run_dir)
+        if cfg.model._target_.endswith("ProtoPNet"):
+            cfg = compose(base + PROTOPNET_JOINT + overrides, output_dir=run_dir)
+        self.cfg, self.run_dir, self.batches = cfg, run_dir, batches
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.datamodules = [hydra.utils.instantiate(cfg.datamodule) for _ in range(2)]
+        for dm in self.datamodules:
+            dm.prepare_data()
+            dm.setup("fit")
+        models = []
+        for _ in range(2):
+            pl.seed_everything(0, verbose=False)
+            models.append(hydra.utils.instantiate(cfg.model))
+        self.model = models[0]
+        self.plain = PlainLoop(models[1], self.datamodules[1], self.device, batches)
+        self.loggers, _ = build_loggers(cfg, run_dir, "throughput")
+        n = len(self.datamodules[0].train_dataloader()) if batches is None else batches
+        self.images = n * cfg.datamodule.batch_size
+
+    def framework_epoch(self, *callbacks) -> None:
+        from pipeline.training import build_trainer, run_callbacks
+        trainer = build_trainer(self.cfg, run_callbacks(self.cfg, self.run_dir, {}) + list(callbacks), self.loggers,
+                                max_epochs=1, limit_train_batches=self.batches or 1.0, limit_val_batches=0,
+                                num_sanity_val_steps=0)
+        trainer.fit(self.model, datamodule=self.datamodules[0])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=5, help="timed (framework, plain) epoch pairs after a warm one")
@@ -103,41 +139,17 @@ def main():
     parser.add_argument("overrides", nargs="*", default=[],
                         help="hydra overrides; default: the default model (ProtoPNet, joint phase) on shapes")
     args = parser.parse_args()
-    from pipeline.training import build_loggers, build_trainer, run_callbacks
-
     with tempfile.TemporaryDirectory() as out:
-        run_dir = Path(out)
-        base = ["callbacks=minimal", "logger=csv"]
-        cfg = compose(base + list(args.overrides), output_dir=run_dir)
-        if cfg.model._target_.endswith("ProtoPNet"):
-            cfg = compose(base + PROTOPNET_JOINT + list(args.overrides), output_dir=run_dir)
-        batches = args.batches or None
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        datamodules = [hydra.utils.instantiate(cfg.datamodule) for _ in range(2)]
-        for dm in datamodules:
-            dm.prepare_data()
-            dm.setup("fit")
-        models = []
-        for _ in range(2):
-            pl.seed_everything(0, verbose=False)
-            models.append(hydra.utils.instantiate(cfg.model))
-        plain = PlainLoop(models[1], datamodules[1], device, batches)
+        sides = Sides(list(args.overrides), Path(out), args.batches or None)
         clock = EpochClock()
-        loggers, _ = build_loggers(cfg, run_dir, "throughput")
-        framework, plain_times = [], []
+        framework, plain = [], []
         for _ in range(args.pairs + 1):
-            # one fit per framework epoch, so that the plain epoch runs outside Lightning (its progress bar thread
-            # included); per-fit setup is outside the clock, as it is outside the epochs of a real run
-            callbacks = run_callbacks(cfg, run_dir, {}) + [clock]
-            trainer = build_trainer(cfg, callbacks, loggers, max_epochs=1, limit_train_batches=batches or 1.0,
-                                    limit_val_batches=0, num_sanity_val_steps=0)
-            trainer.fit(models[0], datamodule=datamodules[0])
+            sides.framework_epoch(clock)
             framework.append(clock.times[-1])
-            plain_times.append(plain.epoch())
-        n = len(datamodules[0].train_dataloader()) if batches is None else batches
-        n *= cfg.datamodule.batch_size
+            plain.append(sides.plain.epoch())
+    n, cfg, device = sides.images, sides.cfg, sides.device
 
-    pairs = list(zip(framework, plain_times))[1:]  # the first pair warms caches, allocators, lazy imports
+    pairs = list(zip(framework, plain))[1:]  # the first pair warms caches, allocators, lazy imports
     wall = sorted(p[0] / f[0] for f, p in pairs)  # framework images/s over plain images/s = plain s / framework s
     cpu = sorted(p[1] / f[1] for f, p in pairs)
     plain_img_s = n / statistics.median(p[0] for _, p in pairs)
