@@ -76,20 +76,21 @@ def main():
             sides.plain.epoch()
             plain.on_train_epoch_end(None, None)
 
+    stats = {side: pstats.Stats(side.profile) for side in (framework, plain)}
+    table = {row: [cumulative(stats[side], where, name) for side in stats] for row, (where, name) in ROWS.items()}
+    table["the rest (Lightning's loop, hooks, wrappers)"] = [
+        side.thread - sum(cells[i] for cells in table.values()) for i, side in enumerate(stats)]
+    table["main thread in all"] = [side.thread for side in stats]
+    table["other threads (progress bar refresh)"] = [side.process - side.thread for side in stats]
     steps = args.pairs * args.batches
-    sides_stats = {"framework": framework, "plain": plain}
     print(f"model={sides.cfg.model._target_} device={sides.device}: main-thread CPU ms per training batch "
           f"({args.pairs} alternated pairs of {args.batches}-batch epochs; cProfile)")
     print(f"| {'':48s} | framework | plain |")
     print(f"|{'-' * 50}|-----------|-------|")
-    for row, (where, name) in ROWS.items():
-        f, p = (1e3 * cumulative(pstats.Stats(s.profile), where, name) / steps for s in sides_stats.values())
-        print(f"| {row:48s} | {f:9.1f} | {p:5.1f} |")
-    for row, seconds in (("main thread in all", lambda s: s.thread),
-                         ("other threads (progress bar refresh)", lambda s: s.process - s.thread)):
-        f, p = (1e3 * seconds(s) / steps for s in sides_stats.values())
-        print(f"| {row:48s} | {f:9.1f} | {p:5.1f} |")
+    for row, (f, p) in table.items():
+        print(f"| {row:48s} | {1e3 * f / steps:9.1f} | {1e3 * p / steps:5.1f} |")
     print(f"plain/framework process CPU per batch: {plain.process / framework.process:.3f}")
+
 
 if __name__ == "__main__":
     main()
