@@ -88,8 +88,10 @@ class ClassifierModule(LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        # the same names, values and epoch-end rows as per-batch `self.log(..., on_epoch=True)` calls gave
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        # the same names, values and epoch-end rows as per-batch `self.log(..., on_epoch=True)` calls gave (and, as
+        # then, no train/acc after an epoch without a training batch)
+        if self.train_acc.update_called:
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         for name, value in self.train_terms.pop().items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True)
 

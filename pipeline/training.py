@@ -252,7 +252,7 @@ def run_callbacks(cfg: DictConfig, run_dir: Path, identity: dict[str, Any]) -> l
 
 
 #: refreshes per second of the training progress bar. Lightning's default RichProgressBar redraws from a thread of its
-#: own that wakes 100 times a second: 1-5% of a training batch's CPU on a loaded 2-core machine (docs/overhead.md)
+#: own that wakes 100 times a second: 1.5% of a training batch's CPU on the loaded 2-core machine (docs/overhead.md)
 PROGRESS_BAR_REFRESH_RATE = 2
 
 

@@ -107,3 +107,15 @@ def test_epoch_values_equal_per_batch_logging():
     assert all({"train/cross_entropy", "train/spread", "train/loss_epoch"} <= set(r) for r in epoch_rows)
     assert epoch_rows[0]["train/acc"] != epoch_rows[1]["train/acc"]  # reset between epochs (trained in between)
     assert final == ref_final
+
+
+def test_no_train_acc_after_an_epoch_without_batches():
+    model = Tiny()
+    logged = []
+    model.log = lambda name, *args, **kwargs: logged.append(name)
+    model.on_train_epoch_end()
+    assert logged == []  # as with per-batch logging: nothing was logged, so nothing at the epoch's end
+    model.train_acc.update(torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0]))
+    model.train_terms.add({"spread": torch.tensor(1.0)}, batch_size=1)
+    model.on_train_epoch_end()
+    assert logged == ["train/acc", "train/spread"]
