@@ -373,6 +373,7 @@ class ProtoPNet(ClassifierModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         self.log("train/phase", float(PHASES.index(self.phase)), on_step=False, on_epoch=True)
         if self.phase == "joint":
             schedulers = self.lr_schedulers() if self.scheduler_factory is not None else None

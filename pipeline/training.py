@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline.checkpoint_io import AtomicCheckpointIO
@@ -202,14 +202,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_record(run_dir, {"status": "running", "metrics": {}, "run_dir": str(run_dir), **record,
                                    **run_info(cfg)})
 
-        callbacks = instantiate_callbacks(cfg.get("callbacks"))
-        callbacks.append(LastCheckpoint(run_dir / "checkpoints", identity))
+        callbacks = run_callbacks(cfg, run_dir, identity)
         if "csv" in (cfg.get("logger") or {}) and resumed:
             with open_dict(cfg):
                 cfg.logger.csv.keep_before_step = resumed.get("batches_that_stepped")
         loggers, wandb_status = build_loggers(cfg, run_dir, run_id)
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                          plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)])
+        trainer = build_trainer(cfg, callbacks, loggers)
 
         fit_started = time.perf_counter()
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -244,6 +242,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         INTERRUPTS.restore()
         finish_run(cfg, run_dir, status, error, trainer, metrics, interp, record, wandb_status, started)
+
+
+def run_callbacks(cfg: DictConfig, run_dir: Path, identity: dict[str, Any]) -> list:
+    """The callbacks group and LastCheckpoint (last.ckpt after every epoch)."""
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks.append(LastCheckpoint(run_dir / "checkpoints", identity))
+    return callbacks
+
+
+#: refreshes per second of the training progress bar. Lightning's default RichProgressBar redraws from a thread of its
+#: own that wakes 100 times a second: 1.5% of a training batch's CPU on the loaded 2-core machine (docs/overhead.md)
+PROGRESS_BAR_REFRESH_RATE = 2
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, **trainer_overrides) -> pl.Trainer:
+    """The run's Trainer: the trainer group with its callbacks, loggers, the atomic checkpoint writer and, unless
+    the callbacks bring their own or `trainer.enable_progress_bar=false`, a progress bar refreshed
+    PROGRESS_BAR_REFRESH_RATE times a second (benchmarks/bench_train_throughput.py times this Trainer against a
+    plain loop)."""
+    enabled = trainer_overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar"))
+    if enabled is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        callbacks = [*callbacks, RichProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                   plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)], **trainer_overrides)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> tuple[list, Any]:

@@ -124,3 +124,18 @@ def test_ddp_cpu_run_with_two_processes(tmp_path):
     assert payload["status"] == "completed" and payload["world_size"] == 2
     assert payload["metrics"]["test/acc"] > 1 / 12  # learned something in 2 epochs
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_progress_bar_refresh_rate_and_how_to_turn_it_off(compose):
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+
+    from pipeline.training import PROGRESS_BAR_REFRESH_RATE, build_trainer
+    cfg = compose(["model=cnn", "logger=none", "callbacks=minimal"])
+    bar = build_trainer(cfg, [], []).progress_bar_callback
+    # Lightning's own default redraws 100 times a second from its own thread (docs/overhead.md)
+    assert isinstance(bar, RichProgressBar) and bar.refresh_rate == PROGRESS_BAR_REFRESH_RATE
+    assert PROGRESS_BAR_REFRESH_RATE < RichProgressBar().refresh_rate
+    assert build_trainer(compose(["+trainer.enable_progress_bar=false"]), [], []).progress_bar_callback is None
+    assert build_trainer(cfg, [], [], enable_progress_bar=False).progress_bar_callback is None
+    own = TQDMProgressBar(refresh_rate=5)  # a bar the callbacks bring is kept
+    assert build_trainer(cfg, [own], []).progress_bar_callback is own
