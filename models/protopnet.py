@@ -139,6 +139,9 @@ class ProtoPNet(ClassifierModule):
 
     # UnitHead: the decision is a sum over prototypes, whose units are the channels of the similarity maps
     unit_layer = "prototypes"
+    # the last layer reads each similarity map through its maximum (the prototype's best-matching patch): feature
+    # visualisation measures a prototype's activation that way, not as the spatial mean of its map
+    layer_pooling = {"prototypes": "max"}
 
     def __init__(self, num_classes: int, channels: int = 3, image_size: int = 64, backbone: str = "small",
                  pretrained=None, widths=None, prototypes_per_class: int = 10, prototype_dim: int = 128,

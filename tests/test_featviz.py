@@ -151,6 +151,7 @@ def test_top_activations_equal_brute_force_and_patches_are_exact():
     assert torch.equal(vals, best.values) and torch.equal(idx, best.indices + 100)
     arg = a.argmax(2).gather(0, best.indices)
     assert top.count == 10 and torch.allclose(top.mean_sum, a.mean(2).sum(0), atol=1e-5)
+    assert torch.allclose(top.max_sum, a.amax(2).sum(0), atol=1e-5)  # the data mean of a max-pooled unit
     assert torch.equal(pos[..., 0] * size[1] + pos[..., 1], arg)
     img = torch.arange(2 * 8 * 8, dtype=torch.float).view(1, 2, 8, 8)
     patch = crop_patches(img, torch.tensor([[1, 2]]), (4, 4), 4)  # map (1,2) of 4x4 -> centre (3,5) of 8x8
