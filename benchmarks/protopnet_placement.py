@@ -74,7 +74,12 @@ def featviz_objectives(model, dm, ds, steps: int, units) -> dict[str, float]:
     def best_similarity(images01):
         with torch.no_grad():
             return model.similarity_maps(dm.normalize(images01))[idx, units].flatten(1).amax(1)
-    out = {}
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    y = torch.as_tensor([int(ds[i]["label"]) for i in range(len(ds))])
+    with torch.no_grad():
+        data = model.similarity_maps(x)[:, units].flatten(2).amax(2)       # [N, U]
+    own = y[:, None] == model.prototype_classes[units][None]
+    out = {"data_own_class_mean": float(data[own].mean()), "data_mean": float(data.mean())}
     for pooling in ("mean", "max"):
         param = FourierImage(len(units), 3, dm.image_size, colour_sqrt=csqrt,
                              generator=torch.Generator().manual_seed(0))
@@ -82,6 +87,7 @@ def featviz_objectives(model, dm, ds, steps: int, units) -> dict[str, float]:
         images, _ = visualize(model, unit_objective("prototypes", jobs, pooling), param,
                               standard_transforms(dm.image_size / 224), steps, 0.05, dm.normalize)
         s1 = best_similarity(images)
+        out["noise_start_mean"] = float(s0.mean())
         out[f"objective_{pooling}_gain_median"] = float((s1 / s0).median())
         out[f"objective_{pooling}_final_mean"] = float(s1.mean())
     return out
