@@ -34,6 +34,19 @@ def test_objectives_add_scale_and_address_one_element_per_unit():
     assert obj.layers == ("L",) and obj.needs_scores
     with pytest.raises(ValueError, match="batch"):
         channel("L", [0, 1, 2])(ctx)
+    # max pooling (ProtoPNet's prototypes): element 0 -> max of 8..11, element 1 -> max of 12..15
+    assert channel("L", [2, 0], pooling="max")(ctx).tolist() == [11.0, 15.0]
+    with pytest.raises(ValueError, match="mean, max"):
+        channel("L", [0], pooling="median")
+
+
+def test_layer_pooling_is_the_models_declaration_checked():
+    from core.probe import layer_pooling
+    model = SimpleNamespace(layer_pooling={"protos": "max", "bad": "median"})
+    assert layer_pooling(model, "protos") == "max" and layer_pooling(model, "protos:pre_relu") == "max"
+    assert layer_pooling(model, "conv") == "mean" and layer_pooling(SimpleNamespace(), "conv") == "mean"
+    with pytest.raises(ConfigError, match=r"layer_pooling\['bad'\]='median'"):
+        layer_pooling(model, "bad")
 
 
 def test_diversity_is_minus_the_mean_gram_cosine_similarity():
