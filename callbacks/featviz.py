@@ -14,7 +14,7 @@ from algorithms.featviz import (PARAMETRISATIONS, colour_correlation_sqrt, featv
 from callbacks.base import InterpretationCallback, check_fraction, check_int
 from core import distributed as D
 from core.errors import ConfigError
-from core.probe import capture, resolve_one
+from core.probe import capture, layer_pooling, resolve_one
 
 
 class FeatureVisualizationCallback(InterpretationCallback):
@@ -27,8 +27,9 @@ class FeatureVisualizationCallback(InterpretationCallback):
     Warm start: a run continues from the previous run's parametrisation for `warm_steps` steps (null: every run
     starts from noise for `steps`); every `restart_every_n_epochs`-th epoch (null: never) starts from noise again.
     The gain stays measured against the noise image. Units are optimised before the layer's last ReLU (`pre_relu`)
-    and measured after it. Metrics:
-    interp/featviz/activation_gain_{min,median} (final / initial mean channel activation on the untransformed image,
+    and measured after it, read from their maps as the model reads them (core.probe.layer_pooling: the spatial
+    mean, or the maximum for ProtoPNet's prototypes). Metrics:
+    interp/featviz/activation_gain_{min,median} (final / initial unit activation on the untransformed image,
     the initial one floored at GAIN_FLOOR), interp/featviz/activation_final_mean, and
     interp/featviz/activation_vs_data_min (final / the unit's mean activation over the probe images).
     Defaults: conf/callbacks/featviz.yaml."""
@@ -91,6 +92,7 @@ class FeatureVisualizationCallback(InterpretationCallback):
         device = module.device
         dm = self.datamodule(trainer)
         layer = resolve_one(module, self.layer, self.option("layer")).name
+        pooling = layer_pooling(module, layer)
         normalize = getattr(dm, "normalize", None) or (lambda img: img)
         ds, _ = probe_items(dm, self.split, self.max_images)
 
@@ -117,7 +119,7 @@ class FeatureVisualizationCallback(InterpretationCallback):
                 module, layer, mine, param, steps=steps, lr=self.lr,
                 transforms=standard_transforms(size / 224) if self.transforms else None, normalize=normalize,
                 pre_relu=self.pre_relu, seed=self.seed + D.rank(),
-                progress=lambda it: self.progress(it, "optimise", total=steps), initial=noise)
+                progress=lambda it: self.progress(it, "optimise", total=steps), initial=noise, pooling=pooling)
             self._warm = {"key": (layer, tuple(mine), channels, size), "state": {
                 k: v.detach().clone() for k, v in param.state_dict().items()}}
         values, images = D.all_gather_cat(values), D.all_gather_cat(images)
@@ -141,11 +143,12 @@ class FeatureVisualizationCallback(InterpretationCallback):
         vals, idx, pos = keep_top(D.all_gather_cat(top.values), D.all_gather_cat(top.indices),
                                   D.all_gather_cat(top.positions), min(self.k_patches, len(ds)))
         top = top._replace(values=vals, indices=idx, positions=pos)
-        data_mean = D.all_reduce_sum(top.mean_sum) / max(1, len(ds))  # mean channel activation over the probe set
+        # the units' mean activation over the probe set, read as the model reads them
+        data_mean = D.all_reduce_sum(top.max_sum if pooling == "max" else top.mean_sum) / max(1, len(ds))
 
         result = featviz_result(layer, jobs, values, data_mean, top, steps=steps,
                                 parametrisation=self.parametrisation, class_names=getattr(dm, "class_names", None),
-                                epoch=int(epoch))
+                                epoch=int(epoch), pooling=pooling)
         if self.is_rank_zero:
             self._render(trainer, module, dm, ds, jobs, images, top, result)
         return dict(result.metrics)

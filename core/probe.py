@@ -54,6 +54,18 @@ def default_layer(model) -> str:
     return name or next(reversed(layers))
 
 
+POOLINGS = ("mean", "max")
+
+
+def layer_pooling(model, layer: str) -> str:
+    """How the model reads a probe layer's map (`layer_pooling`, core/protocol.py): "max" or "mean" (default)."""
+    pooling = (getattr(model, "layer_pooling", None) or {}).get(layer.removesuffix(PRE_RELU), "mean")
+    if pooling not in POOLINGS:
+        raise ConfigError(f"{type(model).__name__}.layer_pooling[{layer!r}]={pooling!r}: use one of "
+                          f"{', '.join(POOLINGS)}")
+    return pooling
+
+
 @dataclass(frozen=True)
 class HookPoint:
     """Where a named activation is read: `module`'s output, or its input when `pre` (the `:pre_relu` variant)."""

@@ -16,7 +16,7 @@ See docs/extending.md for worked examples.
 
 | capability | members | unlocks |
 |---|---|---|
-| `Interpretable` | `probe_layers()`, `class_scores(x)`; optional `default_probe_layer: str` | dissection, attribution, featviz, ICNN metrics on any layer |
+| `Interpretable` | `probe_layers()`, `class_scores(x)`; optional `default_probe_layer: str`, `layer_pooling: dict` | dissection, attribution, featviz, ICNN metrics on any layer |
 | `UnitHead` | `unit_contributions(x)`, `unit_layer: str` | composability + IBD, CAM, Dynamic-K statistics of a dense head |
 | `RoutedUnitHead` | `UnitHead` + `routed_mask(a)` | routed evidence in composability, Dynamic-K statistics |
 | `PrototypeModel` | prototype vectors, similarity maps, last layer, push records | prototype gallery, "this looks like that", purity |
@@ -70,6 +70,10 @@ class Interpretable(Protocol, metaclass=_CapabilityMeta):
       lengths for CapsNet). It must be differentiable with respect to every probe layer's output.
     - optional attribute `default_probe_layer: str`: the layer methods probe when none is configured; without it the
       last probe layer is the default.
+    - optional attribute `layer_pooling: dict[str, str]`: probe layer name -> "max" where the model itself reads that
+      layer's map through its maximum over positions (ProtoPNet's similarity maps: a prototype's evidence is its
+      best-matching patch); every other layer is read through its spatial mean (a global-average-pooled head).
+      Feature visualisation measures a unit's activation the way the model reads it (core.probe.layer_pooling).
     """
 
     def probe_layers(self) -> Mapping[str, nn.Module]: ...

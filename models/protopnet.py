@@ -139,6 +139,9 @@ class ProtoPNet(ClassifierModule):
 
     # UnitHead: the decision is a sum over prototypes, whose units are the channels of the similarity maps
     unit_layer = "prototypes"
+    # the last layer reads each similarity map through its maximum (the prototype's best-matching patch): feature
+    # visualisation measures a prototype's activation that way, not as the spatial mean of its map
+    layer_pooling = {"prototypes": "max"}
 
     def __init__(self, num_classes: int, channels: int = 3, image_size: int = 64, backbone: str = "small",
                  pretrained=None, widths=None, prototypes_per_class: int = 10, prototype_dim: int = 128,
@@ -160,7 +163,8 @@ class ProtoPNet(ClassifierModule):
             raise ConfigError(f"model.prototype_dim={prototype_dim}: must be >= 1 (the paper uses 128)")
         if similarity not in SIMILARITIES:
             raise ConfigError(f"model.similarity={similarity!r}: choose one of {', '.join(SIMILARITIES)}")
-        self.coefs = {"crs_ent": 1.0, "clst": 0.8, "sep": 0.08, "l1": 1e-4, **dict(coefs or {})}
+        # conf/model/protopnet.yaml's values (sep 0.8 for shapes, the paper's 0.08 in the CUB recipes)
+        self.coefs = {"crs_ent": 1.0, "clst": 0.8, "sep": 0.8, "l1": 1e-4, **dict(coefs or {})}
         unknown = set(self.coefs) - {"crs_ent", "clst", "sep", "l1"}
         if unknown:
             raise ConfigError(f"model.coefs has unknown keys {sorted(unknown)}; valid: crs_ent, clst, sep, l1")

@@ -188,8 +188,10 @@ def test_featviz_result_round_trips(tmp_path):
         units=[FeatvizUnit("unit", 0, initial=0.0, final=3.0, data_mean=0.25, gain=3e6),
                FeatvizUnit("class", 1, initial=-0.5, final=9.0, name="green")],
         top_patches=TopPatches(dataset_index=[[4, 1]], position=[[[0, 1], [7, 7]]], activation=[[2.5, 1.0]],
-                               map_size=[8, 8]))
-    assert FeatvizResult.from_json(result.to_json()) == result
+                               map_size=[8, 8]), pooling="max")
+    assert FeatvizResult.from_json(result.to_json()) == result and result.to_json()["pooling"] == "max"
+    old = {k: v for k, v in result.to_json().items() if k != "pooling"}  # schema version 1: spatial means only
+    assert FeatvizResult.from_json({**old, "schema_version": 1}).pooling == "mean"
     path = result.save(tmp_path / "featviz.json")
     assert FeatvizResult.load(path) == result and load_result(path) == result
     no_patches = FeatvizResult(layer="l", steps=1, parametrisation="pixel", metrics={}, units=[])

@@ -34,6 +34,19 @@ def test_objectives_add_scale_and_address_one_element_per_unit():
     assert obj.layers == ("L",) and obj.needs_scores
     with pytest.raises(ValueError, match="batch"):
         channel("L", [0, 1, 2])(ctx)
+    # max pooling (ProtoPNet's prototypes): element 0 -> max of 8..11, element 1 -> max of 12..15
+    assert channel("L", [2, 0], pooling="max")(ctx).tolist() == [11.0, 15.0]
+    with pytest.raises(ValueError, match="mean, max"):
+        channel("L", [0], pooling="median")
+
+
+def test_layer_pooling_is_the_models_declaration_checked():
+    from core.probe import layer_pooling
+    model = SimpleNamespace(layer_pooling={"protos": "max", "bad": "median"})
+    assert layer_pooling(model, "protos") == "max" and layer_pooling(model, "protos:pre_relu") == "max"
+    assert layer_pooling(model, "conv") == "mean" and layer_pooling(SimpleNamespace(), "conv") == "mean"
+    with pytest.raises(ConfigError, match=r"layer_pooling\['bad'\]='median'"):
+        layer_pooling(model, "bad")
 
 
 def test_diversity_is_minus_the_mean_gram_cosine_similarity():
@@ -151,6 +164,7 @@ def test_top_activations_equal_brute_force_and_patches_are_exact():
     assert torch.equal(vals, best.values) and torch.equal(idx, best.indices + 100)
     arg = a.argmax(2).gather(0, best.indices)
     assert top.count == 10 and torch.allclose(top.mean_sum, a.mean(2).sum(0), atol=1e-5)
+    assert torch.allclose(top.max_sum, a.amax(2).sum(0), atol=1e-5)  # the data mean of a max-pooled unit
     assert torch.equal(pos[..., 0] * size[1] + pos[..., 1], arg)
     img = torch.arange(2 * 8 * 8, dtype=torch.float).view(1, 2, 8, 8)
     patch = crop_patches(img, torch.tensor([[1, 2]]), (4, 4), 4)  # map (1,2) of 4x4 -> centre (3,5) of 8x8

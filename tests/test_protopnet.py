@@ -61,7 +61,7 @@ def test_similarity_and_min_pooling():
 
 def test_cluster_and_separation_hand_computed_above_feature_dim():
     # D = 6, distances well above D: the public code's max(D - d) form would return garbage here
-    m = tiny_model(num_classes=2, prototypes_per_class=2)
+    m = tiny_model(num_classes=2, prototypes_per_class=2, coefs={"crs_ent": 1.0, "clst": 0.8, "sep": 0.08, "l1": 1e-4})
     min_d = torch.tensor([[1.0, 7.0, 20.0, 30.0], [12.0, 5.0, 3.0, 40.0]])
     y = torch.tensor([0, 1])
     logits = torch.tensor([[2.0, 0.0], [0.5, 1.0]])

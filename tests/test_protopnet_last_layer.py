@@ -234,3 +234,22 @@ def test_prototype_maps_are_the_top_prototypes_weighted_similarity_maps(pushed_t
             expected.append(sum(w[i, j] * sim_maps[i, j] for j in order if contrib[j] > 0))
         expected = upsample(torch.stack(expected)[:, None], x.shape[-2:])
     torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_featviz_measures_prototypes_as_the_last_layer_reads_them(pushed_toy):
+    """featviz on the `prototypes` layer: a prototype's activation is the maximum of its similarity map (the number
+    its last-layer weights multiply), not the map's spatial mean; the optimisation raises it on every prototype."""
+    from algorithms.featviz import FourierImage, featviz_jobs, standard_transforms, visualize_units
+    from core.probe import layer_pooling
+    from tests.test_protopnet_train import SIZE
+    model, data = pushed_toy
+    assert layer_pooling(model, "prototypes") == "max" and layer_pooling(model, model.default_probe_layer) == "mean"
+    n = model.num_prototypes
+    param = FourierImage(n, 3, SIZE, generator=torch.Generator().manual_seed(0))
+    values, images = visualize_units(model, "prototypes", featviz_jobs(n), param, steps=16, normalize=data.normalize,
+                                     transforms=standard_transforms(SIZE / 224), pooling="max")
+    with torch.no_grad():
+        sims = model.prototype_outputs(data.normalize(images)).similarities[torch.arange(n), torch.arange(n)]
+        mean_maps = model.similarity_maps(data.normalize(images))[torch.arange(n), torch.arange(n)].mean((1, 2))
+    torch.testing.assert_close(values[:, 1], sims, atol=1e-5, rtol=1e-5)
+    assert (values[:, 1] > values[:, 0]).all() and (values[:, 1] > mean_maps).all()

@@ -27,6 +27,7 @@ class TopActivations(NamedTuple):
     map_size: tuple       # (h, w) of the layer's map
     mean_sum: Tensor      # [U] sum over the images of the unit's mean activation (for the data set mean)
     count: int            # images seen
+    max_sum: Tensor       # [U] sum over the images of the unit's maximum activation (data mean of a max-pooled unit)
 
 
 def keep_top(values: Tensor, indices: Tensor, positions: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,12 +61,13 @@ def top_activations_of_maps(maps, units: Sequence[int], k: int = 8) -> TopActiva
     dataset indices [B]) -- e.g. the maps of the epoch's shared probe pass (algorithms/probe_pass.py)."""
     units_t = torch.as_tensor(list(units), dtype=torch.long)
     vals = idx = pos = None
-    shape, mean_sum, seen = None, 0.0, 0
+    shape, mean_sum, max_sum, seen = None, 0.0, 0.0, 0
     for a, index in maps:
         a = a[:, units_t.to(a.device)]  # [B, U, h, w]
         shape = a.shape[-2:]
         mean_sum = mean_sum + a.mean((2, 3)).sum(0)
         flat_max, flat_arg = a.flatten(2).max(2)  # [B, U]
+        max_sum = max_sum + flat_max.sum(0)
         b_idx = index.to(a.device).long()[:, None].expand_as(flat_max)
         p = torch.stack([flat_arg // shape[1], flat_arg % shape[1]], -1)
         seen += len(a)
@@ -76,7 +78,7 @@ def top_activations_of_maps(maps, units: Sequence[int], k: int = 8) -> TopActiva
         vals, idx, pos = keep_top(vals, idx, pos, k)
     if vals is None:
         raise ValueError("no images to search for top activations")
-    return TopActivations(vals, idx, pos, tuple(shape), mean_sum, seen)
+    return TopActivations(vals, idx, pos, tuple(shape), mean_sum, seen, max_sum)
 
 
 def no_top_activations(units: int, map_size: Sequence[int], device=None) -> TopActivations:
@@ -84,7 +86,7 @@ def no_top_activations(units: int, map_size: Sequence[int], device=None) -> TopA
     return TopActivations(torch.full((0, units), -float("inf"), device=device),
                           torch.zeros(0, units, dtype=torch.long, device=device),
                           torch.zeros(0, units, 2, dtype=torch.long, device=device), tuple(map_size),
-                          torch.zeros(units, device=device), 0)
+                          torch.zeros(units, device=device), 0, torch.zeros(units, device=device))
 
 
 def crop_patches(images01: Tensor, positions: Tensor, map_size: Sequence[int], patch: int) -> Tensor:

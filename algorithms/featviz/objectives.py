@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.probe import POOLINGS
+
 
 class Objective:
     """`fn(ctx) -> [B]` where ctx.acts[layer name] is that layer's output and ctx.scores the class scores (None
@@ -65,14 +67,19 @@ def _units(units) -> Tensor:
     return torch.as_tensor([units] if isinstance(units, int) else list(units), dtype=torch.long)
 
 
-def channel(layer: str, units, offset: int = 0) -> Objective:
-    """Mean activation of channel units[i] of `layer` for batch element offset + i."""
+def channel(layer: str, units, offset: int = 0, pooling: str = "mean") -> Objective:
+    """Activation of channel units[i] of `layer` for batch element offset + i: its spatial mean (Olah et al.), or its
+    maximum over positions (`pooling="max"`: how ProtoPNet's last layer reads a prototype's similarity map)."""
     u = _units(units)
+    if pooling not in POOLINGS:
+        raise ValueError(f"channel pooling={pooling!r}: use one of {', '.join(POOLINGS)}")
 
     def fn(ctx):
         a = ctx.acts[layer]
-        return _per_element(a.mean((2, 3)) if a.dim() == 4 else a, u, offset)
-    return Objective(fn, [layer], name=f"channel({layer})")
+        if a.dim() == 4:
+            a = a.mean((2, 3)) if pooling == "mean" else a.amax((2, 3))
+        return _per_element(a, u, offset)
+    return Objective(fn, [layer], name=f"channel({layer})" if pooling == "mean" else f"channel_max({layer})")
 
 
 def neuron(layer: str, units, y: int | None = None, x: int | None = None, offset: int = 0) -> Objective:
@@ -108,14 +115,14 @@ def diversity(layer: str) -> Objective:
     return Objective(fn, [layer], name=f"diversity({layer})")
 
 
-def unit_objective(layer: str, jobs: Sequence[tuple[str, int]]) -> Objective | None:
-    """One batch element per job: ("unit", u) raises channel u of `layer`, ("class", c) the score of class c. Units
-    come before classes (the order of `featviz_jobs`, in every shard of it)."""
+def unit_objective(layer: str, jobs: Sequence[tuple[str, int]], pooling: str = "mean") -> Objective | None:
+    """One batch element per job: ("unit", u) raises channel u of `layer` (`channel` with `pooling`), ("class", c)
+    the score of class c. Units come before classes (the order of `featviz_jobs`, in every shard of it)."""
     units = [(i, v) for i, (kind, v) in enumerate(jobs) if kind == "unit"]
     classes = [(i, v) for i, (kind, v) in enumerate(jobs) if kind == "class"]
     obj = None
     if units:
-        obj = channel(layer, [v for _, v in units], offset=units[0][0])
+        obj = channel(layer, [v for _, v in units], offset=units[0][0], pooling=pooling)
     if classes:
         c = class_logit([v for _, v in classes], offset=classes[0][0])
         obj = c if obj is None else obj + c

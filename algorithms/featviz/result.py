@@ -16,8 +16,9 @@ GAIN_FLOOR = 1e-6
 @dataclass
 class FeatvizUnit:
     """One optimised batch element: a unit (channel `index` of the layer) or a class (score `index`). initial /
-    final: mean channel activation (class score) on the untransformed initial and optimised image; data_mean: the
-    unit's mean activation over the probe images; gain = final / max(initial, GAIN_FLOOR) (units only)."""
+    final: the unit's activation (its map's spatial mean, or its maximum where the result's `pooling` is "max"; the
+    class score) on the untransformed initial and optimised image; data_mean: the unit's mean activation over the
+    probe images (pooled the same way); gain = final / max(initial, GAIN_FLOOR) (units only)."""
 
     kind: str
     index: int
@@ -41,7 +42,8 @@ class TopPatches:
 @dataclass
 class FeatvizResult(Result):
     schema = "featviz"
-    schema_version = 1
+    # 2: `pooling` (how the units' maps are read: "mean" or "max"); version 1 results were all "mean"
+    schema_version = 2
 
     layer: str
     steps: int
@@ -50,10 +52,11 @@ class FeatvizResult(Result):
     units: list[FeatvizUnit]
     top_patches: TopPatches | None = None
     epoch: int | None = None
+    pooling: str = "mean"
 
     def payload(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "layer": self.layer, "steps": self.steps,
-                "parametrisation": self.parametrisation, "metrics": dict(self.metrics),
+                "parametrisation": self.parametrisation, "pooling": self.pooling, "metrics": dict(self.metrics),
                 "units": [vars(u).copy() for u in self.units],
                 "top_patches": None if self.top_patches is None else vars(self.top_patches).copy()}
 
@@ -73,7 +76,7 @@ class FeatvizResult(Result):
         epoch = data.get("epoch")
         return cls(layer=str(data["layer"]), steps=int(data["steps"]), parametrisation=str(data["parametrisation"]),
                    metrics={str(k): opt(v, float) for k, v in (data.get("metrics") or {}).items()}, units=units,
-                   top_patches=top, epoch=opt(epoch, int))
+                   top_patches=top, epoch=opt(epoch, int), pooling=str(data.get("pooling", "mean")))
 
     def unit_gains(self) -> list[float]:
         return [u.gain for u in self.units if u.kind == "unit"]
@@ -81,11 +84,13 @@ class FeatvizResult(Result):
 
 def featviz_result(layer: str, jobs: Sequence[tuple[str, int]], values: Tensor, data_mean: Tensor,
                    top: TopActivations | None, *, steps: int, parametrisation: str,
-                   class_names: Sequence[str] | None = None, epoch: int | None = None) -> FeatvizResult:
+                   class_names: Sequence[str] | None = None, epoch: int | None = None,
+                   pooling: str = "mean") -> FeatvizResult:
     """The result of a run from its parts: `values` [N, 2] (initial, final) per job, `data_mean` [U] the units' mean
-    activation over the probe images, `top` the merged top activations [k, U]. Metrics: activation_gain_{min,median}
-    (final / initial mean channel activation, the initial floored at GAIN_FLOOR), activation_final_mean and
-    activation_vs_data_min (final / the unit's data mean)."""
+    activation over the probe images, `top` the merged top activations [k, U], `pooling` how the unit activations
+    were read from their maps ("mean" or "max"). Metrics: activation_gain_{min,median} (final / initial unit
+    activation, the initial floored at GAIN_FLOOR), activation_final_mean and activation_vs_data_min (final / the
+    unit's data mean)."""
     unit_rows = [i for i, j in enumerate(jobs) if j[0] == "unit"]
     gains = (values[unit_rows, 1] / values[unit_rows, 0].clamp_min(GAIN_FLOOR)).cpu()
     vs_data = (values[unit_rows, 1] / data_mean.clamp_min(GAIN_FLOOR)).cpu()
@@ -103,4 +108,4 @@ def featviz_result(layer: str, jobs: Sequence[tuple[str, int]], values: Tensor, 
         patches = TopPatches(dataset_index=top.indices.T.tolist(), position=top.positions.transpose(0, 1).tolist(),
                              activation=top.values.T.tolist(), map_size=list(top.map_size))
     return FeatvizResult(layer=layer, steps=int(steps), parametrisation=parametrisation, metrics=metrics, units=units,
-                         top_patches=patches, epoch=epoch)
+                         top_patches=patches, epoch=epoch, pooling=pooling)
