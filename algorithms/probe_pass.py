@@ -23,6 +23,32 @@ from core import distributed as D
 from core import probe as P
 
 
+class CollatedBatches:
+    """A loader's batches read once and kept (a probe set is the same every epoch, and reading and collating its
+    items is about half the cost of a forward pass over them on a small model): iterable like the loader, with its
+    `dataset` and length. `batches` is None when they would take more than `max_mb`; the caller then reads the
+    loader every epoch."""
+
+    def __init__(self, batches: list[dict] | None, dataset):
+        self.batches, self.dataset = batches, dataset
+
+    @classmethod
+    def read(cls, loader, max_mb: float) -> "CollatedBatches":
+        batches, size = [], 0.0
+        for batch in loader:
+            size += sum(t.numel() * t.element_size() for t in batch.values() if torch.is_tensor(t))
+            if size > max_mb * 2 ** 20:
+                return cls(None, getattr(loader, "dataset", None))
+            batches.append(batch)
+        return cls(batches, getattr(loader, "dataset", None))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class ProbePass:
     """The probe batches of one rank with their captured maps (iterable like the loader; `dataset` is the loader's)."""
 

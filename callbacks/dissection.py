@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from algorithms.dissection import DissectionEpoch, DissectionResult, dissect, layer_maps
 from algorithms.dissection_render import render_gallery, render_summary
-from algorithms.probe_pass import ProbePass
+from algorithms.probe_pass import CollatedBatches, ProbePass
 from algorithms.dissection_stats import IOU_THRESHOLD, TOP_QUANTILE
 from algorithms.probe_sets import DissectionError, check_probe_dataset, open_broden, probe_view
 from callbacks.base import InterpretationCallback, check_fraction, check_int
@@ -65,6 +65,8 @@ class DissectionCallback(InterpretationCallback):
         self._shared_layers: list[str] = []
         self._shared_units = False
         self._last_pass: ProbePass | None = None
+        self._collated: CollatedBatches | None = None
+        self._shard = None
 
     # ----- settings ---------------------------------------------------------------------------------------------
     def check_settings(self) -> None:
@@ -195,6 +197,20 @@ class DissectionCallback(InterpretationCallback):
                 out.append((maps[keep], batch["index"].to(maps.device)[keep]))
         return out
 
+    def collated(self, probe: Dataset):
+        """This rank's probe batches as the loader gives them, read and collated once per fit and kept (the probe set
+        is the same every epoch; `CollatedBatches`), or the loader itself when they would take more than half of
+        cache_mb."""
+        if self._collated is None or self._collated.dataset is not self.shard_of(probe):
+            self._collated = CollatedBatches.read(self.loader(self.shard_of(probe)), self.cache_mb / 2)
+        return self._collated if self._collated.batches is not None else self.loader(self.shard_of(probe))
+
+    def shard_of(self, probe: Dataset):
+        """This rank's shard of the probe set (one Subset object per probe set, so the collated batches know it)."""
+        if self._shard is None or self._shard.dataset is not probe:
+            self._shard = self.shard(probe)
+        return self._shard
+
     def probe_batches(self, trainer, module, epoch: int):
         """This rank's probe batches for `epoch`: the shared algorithms.probe_pass.ProbePass (one forward pass over
         the probe set for dissection and its dependents, computed once per epoch), or the plain loader when the
@@ -203,7 +219,7 @@ class DissectionCallback(InterpretationCallback):
         if probe is None:
             raise DissectionError(f"{self.option('probe')}: no concept probe set (the datamodule has none); set it "
                                   f"to a Broden folder or use datamodule=shapes")
-        loader = self.loader(self.shard(probe))
+        loader = self.collated(probe)
 
         def build():
             # the last epoch's pass, without its maps (freed before this one is built): its label tensors carry over

@@ -178,3 +178,37 @@ def test_decision_tree_reads_the_unit_contributions_from_the_probe_pass(tmp_path
     for key, value in alone.metrics.items():
         assert abs(value - shared.metrics[key]) <= 1e-6, key
     assert [n.terms(0.05) for n in shared.nodes] == [n.terms(0.05) for n in alone.nodes]
+
+
+def test_the_probe_items_are_read_and_collated_once_per_fit(tmp_path):
+    """The probe set is the same every epoch: its items are read once (first epoch), and the second epoch's
+    dissection, from the kept batches, equals one from a fresh callback that reads them."""
+    from tests.test_dissection import fake_trainer as trainer_at
+
+    class Counted(ToyProbe):
+        reads = 0
+
+        def __getitem__(self, i):
+            Counted.reads += 1
+            return super().__getitem__(i)
+
+    model = small_cnn()
+    dm = ToyDataModule(Counted(n=N, size=16))
+    cb = DissectionCallback(layers=["backbone.conv3"], probe_size=N, gallery_units=0, batch_size=BATCH,
+                            every_n_epochs=1, on_error="raise")
+    for epoch in range(2):
+        trainer = trainer_at(tmp_path / "a", dm, epoch=epoch, max_epochs=2)
+        if epoch == 0:
+            cb.setup(trainer, model, "fit")
+            Counted.reads = 0
+        cb.on_train_epoch_end(trainer, model)
+        assert Counted.reads == N, (epoch, Counted.reads)  # N in the first epoch, none in the second
+    fresh = DissectionCallback(layers=["backbone.conv3"], probe_size=N, gallery_units=0, batch_size=BATCH,
+                               every_n_epochs=1, on_error="raise", cache_mb=0)   # reads the loader every epoch
+    trainer = trainer_at(tmp_path / "b", dm, epoch=1, max_epochs=2)
+    fresh.setup(trainer, model, "fit")
+    fresh.on_train_epoch_end(trainer, model)
+    a, b = cb.results["backbone.conv3"], fresh.results["backbone.conv3"]
+    for key in ("thresholds", "intersection", "unit_area", "concept_area", "top_scores"):
+        torch.testing.assert_close(getattr(a, key).double(), getattr(b, key).double(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(a.top_images, b.top_images)
