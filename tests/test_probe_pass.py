@@ -11,27 +11,36 @@ from tests.test_dissection import ToyDataModule, ToyProbe, fake_trainer, small_c
 N, BATCH = 24, 10
 
 
+def _images_through(model, run) -> list[int]:
+    """Call run(); the batch sizes that went through the model's first stage meanwhile."""
+    seen = []
+    handle = model.backbone.stages[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def _toy_epoch(path, model, callbacks, run) -> list[int]:
+    """Set up `callbacks` on the toy probe data and run the epoch end of those in `run`: the batch sizes seen."""
+    dm = ToyDataModule(ToyProbe(n=N, size=16))
+    dm.class_names = ["a", "b", "c"]
+    trainer = fake_trainer(path, dm)
+    trainer.callbacks = callbacks
+    for cb in callbacks:
+        cb.setup(trainer, model, "fit")
+    return _images_through(model, lambda: [cb.on_train_epoch_end(trainer, model) for cb in run])
+
+
 def _epoch(tmp_path, cache_mb):
     """Dissection of conv3 + composability of the unit layer conv4 (a second dissected layer) after one epoch;
     returns the callbacks and the number of probe images that went through the model's first stage."""
     model = small_cnn()
-    dm = ToyDataModule(ToyProbe(n=N, size=16))
-    dm.class_names = ["a", "b", "c"]
     dcb = DissectionCallback(layers=["backbone.conv3"], probe_size=N, gallery_units=0, batch_size=BATCH,
                              cache_mb=cache_mb, every_n_epochs=1, on_error="raise")
     ccb = ComposabilityCallback(batch_size=BATCH, every_n_epochs=1, on_error="raise")
-    trainer = fake_trainer(tmp_path, dm)
-    trainer.callbacks = [dcb, ccb]
-    for cb in trainer.callbacks:
-        cb.setup(trainer, model, "fit")
-    images = []
-    handle = model.backbone.stages[0].register_forward_hook(lambda m, i, o: images.append(len(o)))
-    try:
-        for cb in trainer.callbacks:
-            cb.on_train_epoch_end(trainer, model)
-    finally:
-        handle.remove()
-    return dcb, ccb, sum(images)
+    return dcb, ccb, sum(_toy_epoch(tmp_path, model, [dcb, ccb], [dcb, ccb]))
 
 
 def test_shared_probe_pass_gives_the_separate_passes_results_with_one_forward_pass(tmp_path):
@@ -64,7 +73,6 @@ def test_the_next_epochs_pass_reuses_the_label_tensors_and_gives_the_same_result
     them once per batch for all layers and both statistics; the next epoch's pass carries them over (no new call)
     and its dissection equals one computed from scratch."""
     import algorithms.dissection as dissection_module
-    from tests.test_dissection import fake_trainer as trainer_at
 
     calls = []
     real = dissection_module.union_labels
@@ -77,7 +85,7 @@ def test_the_next_epochs_pass_reuses_the_label_tensors_and_gives_the_same_result
                                batch_size=BATCH, every_n_epochs=1, on_error="raise")
     batches = -(-N // BATCH)
     for epoch in range(2):
-        trainer = trainer_at(tmp_path / "a", dm, epoch=epoch, max_epochs=2)
+        trainer = fake_trainer(tmp_path / "a", dm, epoch=epoch, max_epochs=2)
         if epoch == 0:
             cb.setup(trainer, model, "fit")
         cb.on_train_epoch_end(trainer, model)
@@ -86,7 +94,7 @@ def test_the_next_epochs_pass_reuses_the_label_tensors_and_gives_the_same_result
         if epoch == 0:
             first = [b["seg_union"] for b in cb._last_pass.batches]
     assert all(b["seg_union"] is f for b, f in zip(cb._last_pass.batches, first))
-    trainer = trainer_at(tmp_path / "b", dm, epoch=1, max_epochs=2)
+    trainer = fake_trainer(tmp_path / "b", dm, epoch=1, max_epochs=2)
     fresh.setup(trainer, model, "fit")
     fresh.on_train_epoch_end(trainer, model)
     for layer in ("backbone.conv3", "backbone.conv4"):
@@ -99,7 +107,6 @@ def _featviz_epoch(tmp_path, with_dissection: bool):
     """featviz's top activations over the first 12 probe images after one epoch, with the run's dissection callback
     (its probe pass holds the layer's maps) or alone; returns (metrics, top indices, images the model saw)."""
     from callbacks.featviz import FeatureVisualizationCallback
-    from tests.test_dissection import fake_trainer as trainer_at
 
     model = small_cnn()
     dm = ToyDataModule(ToyProbe(n=N, size=16))
@@ -110,20 +117,15 @@ def _featviz_epoch(tmp_path, with_dissection: bool):
     if with_dissection:
         callbacks.append(DissectionCallback(layers=["backbone.conv4"], probe_size=N, gallery_units=0,
                                            batch_size=BATCH, every_n_epochs=5, run_on_last_epoch=False))
-    trainer = trainer_at(tmp_path, dm, epoch=0, max_epochs=2)
+    trainer = fake_trainer(tmp_path, dm, epoch=0, max_epochs=2)
     trainer.callbacks = callbacks
     for cb in callbacks:
         cb.setup(trainer, model, "fit")
-    seen = []
-    handle = model.backbone.stages[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
     saved = {}
     real = fv._render
     fv._render = lambda trainer, module, dm, ds, jobs, images, top, result: saved.update(top=top) or real(
         trainer, module, dm, ds, jobs, images, top, result)
-    try:
-        fv.on_train_epoch_end(trainer, model)
-    finally:
-        handle.remove()
+    seen = _images_through(model, lambda: fv.on_train_epoch_end(trainer, model))
     return fv.last_metrics, saved["top"], seen
 
 
@@ -150,25 +152,12 @@ def test_decision_tree_reads_the_unit_contributions_from_the_probe_pass(tmp_path
     holds: the same tree, and no model pass of the tree's own over the probe images (one pass over the 24 images in
     all, plus head_bias's two of one image)."""
     from callbacks.decision_tree import DecisionTreeCallback
-    from tests.test_dissection import fake_trainer as trainer_at
 
     def epoch(path, cache_mb):
-        model = small_cnn()
-        dm = ToyDataModule(ToyProbe(n=N, size=16))
-        dm.class_names = ["a", "b", "c"]
         dcb = DissectionCallback(probe_size=N, gallery_units=0, batch_size=BATCH, cache_mb=cache_mb,
                                  on_error="raise")
         tcb = DecisionTreeCallback(on_error="raise", shuffles=5, batch_size=BATCH)
-        trainer = trainer_at(path, dm)
-        trainer.callbacks = [tcb, dcb]
-        for cb in trainer.callbacks:
-            cb.setup(trainer, model, "fit")
-        seen = []
-        handle = model.backbone.stages[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
-        try:
-            tcb.on_train_epoch_end(trainer, model)
-        finally:
-            handle.remove()
+        seen = _toy_epoch(path, small_cnn(), [tcb, dcb], [tcb])
         return tcb.result, sum(seen)
 
     shared, shared_images = epoch(tmp_path / "shared", 2048)
@@ -183,7 +172,6 @@ def test_decision_tree_reads_the_unit_contributions_from_the_probe_pass(tmp_path
 def test_the_probe_items_are_read_and_collated_once_per_fit(tmp_path):
     """The probe set is the same every epoch: its items are read once (first epoch), and the second epoch's
     dissection, from the kept batches, equals one from a fresh callback that reads them."""
-    from tests.test_dissection import fake_trainer as trainer_at
 
     class Counted(ToyProbe):
         reads = 0
@@ -197,7 +185,7 @@ def test_the_probe_items_are_read_and_collated_once_per_fit(tmp_path):
     cb = DissectionCallback(layers=["backbone.conv3"], probe_size=N, gallery_units=0, batch_size=BATCH,
                             every_n_epochs=1, on_error="raise")
     for epoch in range(2):
-        trainer = trainer_at(tmp_path / "a", dm, epoch=epoch, max_epochs=2)
+        trainer = fake_trainer(tmp_path / "a", dm, epoch=epoch, max_epochs=2)
         if epoch == 0:
             cb.setup(trainer, model, "fit")
             Counted.reads = 0
@@ -205,7 +193,7 @@ def test_the_probe_items_are_read_and_collated_once_per_fit(tmp_path):
         assert Counted.reads == N, (epoch, Counted.reads)  # N in the first epoch, none in the second
     fresh = DissectionCallback(layers=["backbone.conv3"], probe_size=N, gallery_units=0, batch_size=BATCH,
                                every_n_epochs=1, on_error="raise", cache_mb=0)   # reads the loader every epoch
-    trainer = trainer_at(tmp_path / "b", dm, epoch=1, max_epochs=2)
+    trainer = fake_trainer(tmp_path / "b", dm, epoch=1, max_epochs=2)
     fresh.setup(trainer, model, "fit")
     fresh.on_train_epoch_end(trainer, model)
     a, b = cb.results["backbone.conv3"], fresh.results["backbone.conv3"]
