@@ -88,8 +88,7 @@ class ToyData(pl.LightningDataModule):
 
 def toy_model(**kw) -> ProtoPNet:
     torch.manual_seed(0)
-    # the paper's loss coefficients: the default sep 0.8 was chosen on shapes (12 classes sharing backgrounds,
-    # D = 128; docs/protopnet.md), not for this 3-class toy with D = 16
+    # the paper's loss coefficients (the default), stated so that the toy does not move with the shapes default
     args = dict(num_classes=CLASSES, channels=3, image_size=SIZE, prototypes_per_class=2, prototype_dim=16,
                 widths=[8, 16], push_batch_size=32, coefs={"crs_ent": 1.0, "clst": 0.8, "sep": 0.08, "l1": 1e-4},
                 schedule=dict(warm_epochs=1, push_start=10, push_every=10, last_layer_epochs=1),
