@@ -197,12 +197,19 @@ class DissectionCallback(InterpretationCallback):
                 out.append((maps[keep], batch["index"].to(maps.device)[keep]))
         return out
 
-    def collated(self, probe: Dataset):
+    def collated(self, probe: Dataset, device):
         """This rank's probe batches as the loader gives them, read and collated once per fit and kept (the probe set
         is the same every epoch; `CollatedBatches`), or the loader itself when they would take more than half of
-        cache_mb."""
+        cache_mb. A failure to read an item is raised on every rank together (a collective: every rank calls this
+        at the same point)."""
         if self._collated is None or self._collated.dataset is not self.shard_of(probe):
-            self._collated = CollatedBatches.read(self.loader(self.shard_of(probe)), self.cache_mb / 2)
+            collated, error = None, None
+            try:
+                collated = CollatedBatches.read(self.loader(self.shard_of(probe)), self.cache_mb / 2)
+            except Exception as err:  # noqa: BLE001 - raised on every rank together
+                error = err
+            D.raise_together(error, device)
+            self._collated = collated
         return self._collated if self._collated.batches is not None else self.loader(self.shard_of(probe))
 
     def shard_of(self, probe: Dataset):
@@ -219,7 +226,7 @@ class DissectionCallback(InterpretationCallback):
         if probe is None:
             raise DissectionError(f"{self.option('probe')}: no concept probe set (the datamodule has none); set it "
                                   f"to a Broden folder or use datamodule=shapes")
-        loader = self.collated(probe)
+        loader = self.collated(probe, P.model_device(module))
 
         def build():
             # the last epoch's pass, without its maps (freed before this one is built): its label tensors carry over
