@@ -63,8 +63,9 @@ def probe_maps(model: nn.Module, points: Mapping[str, P.HookPoint], batch: dict)
 
 
 def batch_union(batch: dict, num_concepts: int, device) -> torch.Tensor:
-    """The probe batch's `union_labels`: kept in the batch under "seg_union" (a ProbePass batch keeps it for every
-    layer and hands it to the next epoch's pass, algorithms/probe_pass.py), computed when absent."""
+    """The probe batch's `union_labels`, kept in the batch under "seg_union" for every layer and statistic: computed
+    when absent (the dissection callback computes it once per fit, when its probe batches are collated:
+    `CollatedBatches.read(prepare=...)`; a ProbePass batch inherits it)."""
     union = batch.get("seg_union")
     if union is None:
         labels = batch.get("image_labels")

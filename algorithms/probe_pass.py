@@ -26,16 +26,20 @@ from core import probe as P
 class CollatedBatches:
     """A loader's batches read once and kept (a probe set is the same every epoch, and reading and collating its
     items is about half the cost of a forward pass over them on a small model): iterable like the loader, with its
-    `dataset` and length. `batches` is None when they would take more than `max_mb`; the caller then reads the
-    loader every epoch."""
+    `dataset` and length. `prepare(batch)`, when given, runs once on each batch as it is read and may add what depends
+    on the batch alone (dissection adds its union labels, "seg_union"), so that it too is computed once per fit; a
+    ProbePass over these batches inherits it. `batches` is None when they would take more than `max_mb`; the caller
+    then reads the loader every epoch."""
 
     def __init__(self, batches: list[dict] | None, dataset):
         self.batches, self.dataset = batches, dataset
 
     @classmethod
-    def read(cls, loader, max_mb: float) -> "CollatedBatches":
+    def read(cls, loader, max_mb: float, prepare: Callable[[dict], object] | None = None) -> "CollatedBatches":
         batches, size = [], 0.0
         for batch in loader:
+            if prepare is not None:
+                prepare(batch)
             size += sum(t.numel() * t.element_size() for t in batch.values() if torch.is_tensor(t))
             if size > max_mb * 2 ** 20:
                 return cls(None, getattr(loader, "dataset", None))
@@ -61,22 +65,14 @@ class ProbePass:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def labels_only(self) -> "ProbePass":
-        """The same pass without its maps and images: what `build(previous=...)` reads (the batches' "index" and
-        LABEL_KEYS), so that holding it until the next epoch costs little memory."""
-        keep = ("index", *LABEL_KEYS)
-        return ProbePass([{k: b[k] for k in keep if k in b} for b in self.batches], None, self.layers, self.units)
-
     @classmethod
     @torch.no_grad()
     def build(cls, model: nn.Module, points: Mapping[str, P.HookPoint], loader: Iterable[dict], units: bool = False,
-              max_mb: float = 2048.0, device=None, progress: Callable | None = None,
-              previous: "ProbePass | None" = None) -> "ProbePass | None":
+              max_mb: float = 2048.0, device=None, progress: Callable | None = None) -> "ProbePass | None":
         """Run `model` once over `loader`, capturing `points` (and `unit_contributions` when `units`). Every rank
         builds its own shard's pass; a failure is raised on every rank together, and whether the pass is kept
-        (within `max_mb` on every rank) is agreed, so all ranks then take the same path. `previous`: the last
-        epoch's pass over the same loader; what its batches derived from the labels alone (`LABEL_KEYS`) is carried
-        over to the batches of the same images instead of being computed again."""
+        (within `max_mb` on every rank) is agreed, so all ranks then take the same path. Each item is a copy of the
+        loader's batch dict (what a `CollatedBatches.read` prepared included) plus the captured tensors."""
         device = device or P.model_device(model)
         if max_mb <= 0:
             return None
@@ -90,7 +86,6 @@ class ProbePass:
                 # with units the hooks ride on unit_contributions' own forward pass (no early stop: it needs it all)
                 cap = P.capture(model, None, x, points=points, scores=units, forward=forward)
                 item = dict(batch, image=x, maps=cap.acts)
-                _carry_labels(previous, len(batches), item)
                 if units:
                     item["units"] = tuple(t.detach() for t in cap.scores)
                 size += sum(t.numel() * t.element_size() for t in (*cap.acts.values(), *item.get("units", ()), x))
@@ -105,19 +100,6 @@ class ProbePass:
         if D.agree_any(too_big, device=device):
             return None
         return cls(batches, getattr(loader, "dataset", None), list(points), units)
-
-
-#: what consumers derive from a probe batch's labels alone and keep in the batch (dissection's union labels)
-LABEL_KEYS = ("seg_union",)
-
-
-def _carry_labels(previous: "ProbePass | None", i: int, item: dict) -> None:
-    """Copy LABEL_KEYS from batch i of the previous pass when it holds the same images (same "index" values)."""
-    if previous is None or i >= len(previous.batches) or "index" not in item:
-        return
-    old = previous.batches[i]
-    if "index" in old and torch.equal(old["index"], item["index"]):
-        item.update({k: old[k] for k in LABEL_KEYS if k in old})
 
 
 def batch_maps(model: nn.Module, points: Mapping[str, P.HookPoint], batch: dict) -> "dict[str, torch.Tensor]":

@@ -16,11 +16,11 @@ from typing import Sequence
 
 from torch.utils.data import Dataset
 
-from algorithms.dissection import DissectionEpoch, DissectionResult, dissect, layer_maps
+from algorithms.dissection import DissectionEpoch, DissectionResult, batch_union, dissect, layer_maps
 from algorithms.dissection_render import render_gallery, render_summary
 from algorithms.probe_pass import CollatedBatches, ProbePass
 from algorithms.dissection_stats import IOU_THRESHOLD, TOP_QUANTILE
-from algorithms.probe_sets import DissectionError, check_probe_dataset, open_broden, probe_view
+from algorithms.probe_sets import DissectionError, base_dataset, check_probe_dataset, open_broden, probe_view
 from callbacks.base import InterpretationCallback, check_fraction, check_int
 from core import distributed as D
 from core import probe as P
@@ -64,7 +64,6 @@ class DissectionCallback(InterpretationCallback):
         # what other callbacks read from the epoch's shared probe pass (share_probe_pass)
         self._shared_layers: list[str] = []
         self._shared_units = False
-        self._last_pass: ProbePass | None = None
         self._collated: CollatedBatches | None = None
         self._shard = None
 
@@ -200,12 +199,15 @@ class DissectionCallback(InterpretationCallback):
     def collated(self, probe: Dataset, device):
         """This rank's probe batches as the loader gives them, read and collated once per fit and kept (the probe set
         is the same every epoch; `CollatedBatches`), or the loader itself when they would take more than half of
-        cache_mb. A failure to read an item is raised on every rank together (a collective: every rank calls this
-        at the same point)."""
+        cache_mb. Each batch's union labels (what dissection counts; they depend on the labels alone) are computed
+        as it is read, so once per fit too. A failure to read an item is raised on every rank together (a
+        collective: every rank calls this at the same point)."""
         if self._collated is None or self._collated.dataset is not self.shard_of(probe):
             collated, error = None, None
             try:
-                collated = CollatedBatches.read(self.loader(self.shard_of(probe)), self.cache_mb / 2)
+                num_concepts = len(base_dataset(probe).concept_names) - 1
+                collated = CollatedBatches.read(self.loader(self.shard_of(probe)), self.cache_mb / 2,
+                                                prepare=lambda batch: batch_union(batch, num_concepts, "cpu"))
             except Exception as err:  # noqa: BLE001 - raised on every rank together
                 error = err
             D.raise_together(error, device)
@@ -229,14 +231,11 @@ class DissectionCallback(InterpretationCallback):
         loader = self.collated(probe, P.model_device(module))
 
         def build():
-            # the last epoch's pass, without its maps (freed before this one is built): its label tensors carry over
-            previous, self._last_pass = (self._last_pass.labels_only() if self._last_pass else None), None
             names = self.layer_names(module) + [n for n in self._shared_layers if n not in self.layer_names(module)]
             points = P.resolve(module, names, option=self.option("layers"))
             return ProbePass.build(module, points, loader, units=self._shared_units, max_mb=self.cache_mb,
-                                   progress=lambda it, desc: self.progress(it, desc), previous=previous)
+                                   progress=lambda it, desc: self.progress(it, desc))
         shared = self.memo(epoch, "probe_pass", build)
-        self._last_pass = shared  # its label-derived tensors (computed by dissect) carry over to the next epoch's
         return shared if shared is not None else loader
 
     def _dissect(self, trainer, module, names: list[str], epoch: int) -> "OrderedDict[str, DissectionResult]":

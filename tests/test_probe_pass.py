@@ -69,9 +69,9 @@ def test_shared_probe_pass_gives_the_separate_passes_results_with_one_forward_pa
 
 
 def test_the_next_epochs_pass_reuses_the_label_tensors_and_gives_the_same_results(tmp_path, monkeypatch):
-    """The union labels (dissection_stats.union_labels) depend on the probe labels alone: the first epoch computes
-    them once per batch for all layers and both statistics; the next epoch's pass carries them over (no new call)
-    and its dissection equals one computed from scratch."""
+    """The union labels (dissection_stats.union_labels) depend on the probe labels alone: computed once per batch
+    when the probe batches are collated, for all layers and both statistics; the next epoch's pass reads the same
+    tensors (no new call) and its dissection equals one computed from scratch."""
     import algorithms.dissection as dissection_module
 
     calls = []
@@ -91,9 +91,12 @@ def test_the_next_epochs_pass_reuses_the_label_tensors_and_gives_the_same_result
         cb.on_train_epoch_end(trainer, model)
         # epoch 0: once per batch (not per layer and statistic); epoch 1: none
         assert len(calls) == batches, (epoch, len(calls))
+        shared = cb.memo(epoch, "probe_pass", lambda: None)
+        assert shared is not None and len(shared.batches) == len(cb._collated.batches) == batches
+        assert all(a["seg_union"] is b["seg_union"] for a, b in zip(shared.batches, cb._collated.batches))
         if epoch == 0:
-            first = [b["seg_union"] for b in cb._last_pass.batches]
-    assert all(b["seg_union"] is f for b, f in zip(cb._last_pass.batches, first))
+            first = [b["seg_union"] for b in cb._collated.batches]
+    assert all(b["seg_union"] is f for b, f in zip(cb._collated.batches, first))
     trainer = fake_trainer(tmp_path / "b", dm, epoch=1, max_epochs=2)
     fresh.setup(trainer, model, "fit")
     fresh.on_train_epoch_end(trainer, model)
