@@ -78,11 +78,11 @@ class DecisionTreeCallback(InterpretationCallback):
     def run(self, trainer, module, epoch):
         dissection_cb = self.provider(trainer, "dissection")
         probe = dissection_cb.probe_dataset(trainer)
-        source, _ = choose_source(module, self.layer, self.source, option=self.option("source"))
+        source, layer = choose_source(module, self.layer, self.source, option=self.option("source"))
         # the unit-head form reads the epoch's probe pass (the same shard and batches as a loader of its own)
         batches = (dissection_cb.probe_batches(trainer, module, epoch) if source == "unit_head"
                    else self.loader(self.shard(probe)))
-        rat = collect_rationales(module, batches, self.layer, self.source, option=self.option("source"))
+        rat = collect_rationales(module, batches, layer, source, option=self.option("source"))
         dissection = dissection_cb.result(trainer, module, epoch, rat.layer)
         dm = getattr(trainer, "datamodule", None)
         names = getattr(dm, "class_names", None)

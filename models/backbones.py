@@ -56,6 +56,52 @@ def small_convnet(in_channels: int, image_size: int, widths=(16, 32, 64, 128)) -
     return Backbone(stages, c_in)
 
 
+def read_state_dict(pretrained, name: str) -> "dict[str, torch.Tensor]":
+    """The tensors of the file `model.pretrained` names: a state dict, or a checkpoint holding one under "state_dict"
+    (a Lightning checkpoint of a run, e.g. <run>/checkpoints/last.ckpt)."""
+    path = Path(str(pretrained))
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained={pretrained!r}: no such file; give a path to a {name} state dict or to "
+                          f"a run's checkpoints/last.ckpt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a Lightning checkpoint also pickles its hyper-parameters
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ConfigError(f"model.pretrained={pretrained!r}: not a readable torch file ({err})") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(f"model.pretrained={pretrained!r}: holds no state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_small_pretrained(backbone: "Backbone", pretrained) -> None:
+    """model.pretrained for model.backbone=small: the backbone of another run on the same data (ProtoPNet, as in the
+    paper, starts from a trained backbone: `python train.py model=cnn`, then `model=protopnet
+    model.pretrained=<that run>/checkpoints/last.ckpt`). The file is the backbone's own state dict or a whole model's
+    (its keys under "backbone." are taken); every backbone tensor must be there with the same shape."""
+    if pretrained in (None, False, "none"):
+        return
+    if pretrained in (True, "imagenet", "DEFAULT"):
+        raise ConfigError(f"model.pretrained={pretrained!r}: there are no ImageNet weights for model.backbone=small; "
+                          f"train one on your data first (`python train.py model=cnn`) and pass model.pretrained=<that "
+                          f"run>/checkpoints/last.ckpt, or pick a torchvision backbone (model.backbone=resnet18 ...)")
+    state = read_state_dict(pretrained, "small backbone")
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or wrong:
+        raise ConfigError(f"model.pretrained={pretrained!r}: its weights do not fit this small backbone "
+                          f"({'missing ' + ', '.join(missing[:3]) if missing else 'shapes ' + '; '.join(wrong[:3])}); "
+                          f"it was trained with other model.widths or datamodule.channels")
+    backbone.load_state_dict({k: state[k] for k in own})
+
+
 def _load_pretrained(net: nn.Module, name: str, pretrained) -> None:
     if pretrained in (None, False, "none"):
         return
@@ -69,11 +115,7 @@ def _load_pretrained(net: nn.Module, name: str, pretrained) -> None:
                 f"{Path(weights.url).name} into {torch.hub.get_dir()}/checkpoints/ or pass model.pretrained=<path to a "
                 f"state dict>.") from err
     else:
-        path = Path(str(pretrained))
-        if not path.is_file():
-            raise ConfigError(f"model.pretrained={pretrained!r}: no such file; give a path to a {name} state dict")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        state = read_state_dict(pretrained, name)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if [k for k in missing if not k.startswith(("fc.", "classifier."))]:
         raise ConfigError(f"model.pretrained: weights do not fit {name}; missing {missing[:5]}...")
@@ -122,6 +164,7 @@ def build_backbone(name: str, in_channels: int, image_size: int, pretrained=None
         raise ConfigError(f"model.backbone={name!r} is unknown; choose one of {', '.join(BACKBONES)}")
     if name == "small":
         backbone = small_convnet(in_channels, image_size, tuple(widths) if widths else (16, 32, 64, 128))
+        load_small_pretrained(backbone, pretrained)
     else:
         backbone = torchvision_backbone(name, in_channels, pretrained)
     h = feature_size(backbone, in_channels, image_size, name)
