@@ -130,13 +130,19 @@ class InterpretationCallback(Callback):
 
     @staticmethod
     def render_due(trainer: Trainer, every_n_epochs: int) -> bool:
-        """Whether this run draws its figures: every `every_n_epochs`-th epoch and after the last one (the metrics
-        and typed results are computed and written every run; figures are the part a reader needs less often).
-        Outside training (interpret.py runs the callbacks once in a validation pass) they are always due."""
+        """Whether this run draws its figures: after the last epoch (or when the fit is stopping), and every
+        `every_n_epochs`-th epoch unless the last one is less than half a period away (it would draw nearly the same
+        figures: with 5 and 11 epochs, after epochs 5 and 11, not 10). The metrics and typed results are computed
+        and written every run; figures are the part a reader needs less often. Outside training (interpret.py runs
+        the callbacks once in a validation pass) they are always due."""
         stage = getattr(getattr(trainer, "state", None), "fn", None)
         if stage is not None and stage != "fit":
             return True
-        return (trainer.current_epoch + 1) % every_n_epochs == 0 or is_last_epoch(trainer)
+        if is_last_epoch(trainer) or getattr(trainer, "should_stop", False) is True:
+            return True
+        done = trainer.current_epoch + 1
+        left = trainer.max_epochs - done if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+        return done % every_n_epochs == 0 and (left is None or 2 * left >= every_n_epochs)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self.should_run(trainer):
@@ -289,7 +295,9 @@ class InterpretationCallback(Callback):
 
 
 def is_last_epoch(trainer) -> bool:
-    return trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+    """The epoch that ends the fit by its epoch limit (never with max_epochs -1: Lightning's unlimited)."""
+    limit = trainer.max_epochs
+    return limit is not None and limit > 0 and trainer.current_epoch + 1 >= limit
 
 
 def interpretation_record(callbacks: Iterable, fit_seconds: float | None = None) -> dict[str, Any]:

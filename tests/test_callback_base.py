@@ -106,6 +106,23 @@ def test_schedule_every_n_epochs_and_the_last_one(every, epochs_run):
         NoisyCallback(every_n_epochs=0)
 
 
+@pytest.mark.parametrize("every,max_epochs,rendered", [
+    (5, 11, [4, 10]),           # not after epoch 10: the last (11) is 1 < 2.5 epochs away
+    (5, 8, [4, 7]),             # after epoch 5: the last is 3 >= 2.5 epochs away
+    (5, 13, [4, 9, 12]),        # 3 epochs from 10 to 13
+    (5, 12, [4, 11]),           # 2 from 10 to 12: skipped
+    (1, 4, [0, 1, 2, 3]),
+    (20, 6, [5])])
+def test_figures_every_nth_epoch_unless_the_last_is_near_and_after_the_last(every, max_epochs, rendered):
+    cb = NoisyCallback()
+    assert [e for e in range(max_epochs) if cb.render_due(trainer(epoch=e, max_epochs=max_epochs), every)] == rendered
+    stopping = SimpleNamespace(current_epoch=2, max_epochs=11, should_stop=True)
+    assert cb.render_due(stopping, 5)                      # a fit that stops early still draws its last figures
+    unlimited = [e for e in range(7) if cb.render_due(SimpleNamespace(current_epoch=e, max_epochs=-1), 3)]
+    assert unlimited == [2, 5]                            # max_epochs -1 (no limit): every 3rd, no "last" epoch
+    assert cb.render_due(SimpleNamespace(current_epoch=0, max_epochs=11, state=SimpleNamespace(fn="validate")), 5)
+
+
 def test_images_of_different_sizes_get_a_wandb_key_each(tmp_path, monkeypatch):
     calls = []
     logger = SimpleNamespace(log_image=lambda key, images, step, **kw: calls.append((key, images, kw)))
