@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 class GanCallback(InterpretationCallback):
     requires = (GenerativeModel,)
 
+    def __init__(self, every_n_epochs: int = 4, **kwargs):
+        # each GAN method costs about as much as an epoch of GAN training (docs/gan.md): after every 4th epoch and
+        # the last by default
+        super().__init__(every_n_epochs=every_n_epochs, **kwargs)
+
     def validate(self, trainer, module, datamodule) -> None:
         if getattr(module, "concept_segmenter", None) is None:
             log.warning("%s: off, model.segmenter is not set (the GAN methods measure concepts with a trained "
