@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,13 @@ def _split_of(i: int, n_train: int, n_val: int) -> str:
     return "train" if i < n_train else ("val" if i < n_train + n_val else "test")
 
 
+def _default_signals() -> None:
+    """A pool worker's signals: SIGTERM ends it (what Pool.terminate sends), Ctrl-C is left to the parent (a worker
+    killed mid-task would leave pool.map waiting for its chunk; the run honours the interrupt after generation)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _write_chunk(job):
     root, indices, p = job
     out = []
@@ -217,10 +225,20 @@ def generate(root, params: dict, workers: int | None = None):
     chunk = 250
     jobs = [(str(root), range(s, min(s + chunk, n)), params) for s in range(0, n, chunk)]
     if workers > 1 and n >= 1000:
-        # fork: the children only run numpy/PIL and need none of the parent's imports redone.
+        # fork: the children only run numpy/PIL and need none of the parent's imports redone. They get their own
+        # signal handlers (`_default_signals`: a forked child inherits the run's, which only record the signal, so a
+        # child blocked on the pool's queue ignored Pool.terminate and the parent waited for it forever: seen as a
+        # hung CI run), and the pool is closed and joined once the work is done instead of being terminated.
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        with ctx.Pool(workers) as pool:
+        pool = ctx.Pool(workers, initializer=_default_signals)
+        try:
             results = pool.map(_write_chunk, jobs)
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
     else:
         results = [_write_chunk(job) for job in jobs]
     results = [r for chunk_result in results for r in chunk_result]

@@ -56,13 +56,13 @@ def small_convnet(in_channels: int, image_size: int, widths=(16, 32, 64, 128)) -
     return Backbone(stages, c_in)
 
 
-def read_state_dict(pretrained, name: str) -> "dict[str, torch.Tensor]":
+def read_state_dict(pretrained, name: str, runs: bool = False) -> "dict[str, torch.Tensor]":
     """The tensors of the file `model.pretrained` names: a state dict, or a checkpoint holding one under "state_dict"
-    (a Lightning checkpoint of a run, e.g. <run>/checkpoints/last.ckpt)."""
+    (a Lightning checkpoint of a run, e.g. <run>/checkpoints/last.ckpt; `runs`: say so when the file is missing)."""
     path = Path(str(pretrained))
     if not path.is_file():
-        raise ConfigError(f"model.pretrained={pretrained!r}: no such file; give a path to a {name} state dict or to "
-                          f"a run's checkpoints/last.ckpt")
+        raise ConfigError(f"model.pretrained={pretrained!r}: no such file; give a path to a {name} state dict"
+                          + (" or to a run's checkpoints/last.ckpt" if runs else ""))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a Lightning checkpoint also pickles its hyper-parameters
@@ -88,7 +88,7 @@ def load_small_pretrained(backbone: "Backbone", pretrained) -> None:
         raise ConfigError(f"model.pretrained={pretrained!r}: there are no ImageNet weights for model.backbone=small; "
                           f"train one on your data first (`python train.py model=cnn`) and pass model.pretrained=<that "
                           f"run>/checkpoints/last.ckpt, or pick a torchvision backbone (model.backbone=resnet18 ...)")
-    state = read_state_dict(pretrained, "small backbone")
+    state = read_state_dict(pretrained, "small backbone", runs=True)
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     own = backbone.state_dict()

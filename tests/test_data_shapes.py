@@ -197,3 +197,43 @@ def test_generation_speed_sanity(tmp_path):
     # ~2 ms per image on one idle core (the budget: 10k images in under a minute on 2 cores); the bound leaves
     # room for a machine shared with other jobs.
     assert time.perf_counter() - start < 5.0
+
+
+def test_generation_workers_get_their_own_signal_handlers(tmp_path, monkeypatch):
+    """During a run SIGINT/SIGTERM only record the signal (pipeline/interrupts.py). Forked pool workers that inherited
+    that handler ignored Pool.terminate, and a worker blocked on the pool's queue kept the parent waiting forever (a
+    hung CI run). The workers now end on SIGTERM and leave Ctrl-C to the parent, and none outlives the generation."""
+    import multiprocessing as mp
+    import os
+    import signal
+
+    seen = tmp_path / "handlers"
+    seen.mkdir()
+    monkeypatch.setitem(_RECORD, "dir", seen)
+    monkeypatch.setitem(_RECORD, "chunk", shapes_render._write_chunk)
+    # the forked workers see the patched module (the job is pickled by name: a module-level function)
+    monkeypatch.setattr(shapes_render, "_write_chunk", _recording_chunk)
+    previous = {s: signal.signal(s, lambda signum, frame: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        params = dict(seed=0, image_size=16, mask_size=None, distractor_prob=0.7, n_train=1000, n_val=0, n_test=0)
+        generate_folder(tmp_path / "s", params, workers=2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    reports = [f.read_text() for f in seen.iterdir()]
+    assert reports and all(r == "True True" for r in reports), reports   # the pool's workers, not the parent
+    assert str(os.getpid()) not in {f.name for f in seen.iterdir()}
+    assert not mp.active_children()
+    assert len(list((tmp_path / "s" / "images" / "shapes").glob("train_??????.png"))) == 1000
+
+
+_RECORD: dict = {}
+
+
+def _recording_chunk(job):
+    """shapes_render._write_chunk that first writes which SIGTERM/SIGINT handlers its process has."""
+    import os
+    import signal
+    term, intr = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    (_RECORD["dir"] / str(os.getpid())).write_text(f"{term is signal.SIG_DFL} {intr is signal.SIG_IGN}")
+    return _RECORD["chunk"](job)
