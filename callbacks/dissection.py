@@ -191,9 +191,10 @@ class DissectionCallback(InterpretationCallback):
             if "index" not in batch:
                 return None
             maps = batch["maps"][layer]
-            keep = batch["index"].to(maps.device) < n
+            index = batch["index"].to(maps.device)
+            keep = index < n
             if keep.any():
-                out.append((maps[keep], batch["index"].to(maps.device)[keep]))
+                out.append((maps[keep], index[keep]))
         return out
 
     def collated(self, probe: Dataset, device):

@@ -141,7 +141,7 @@ class FeatureVisualizationCallback(InterpretationCallback):
             top = (top_activations(module, layer, batches, units, k, index_offset=offset)
                    if len(shard) else no_top_activations(len(units), maps.shape[-2:], device))
         vals, idx, pos = keep_top(D.all_gather_cat(top.values), D.all_gather_cat(top.indices),
-                                  D.all_gather_cat(top.positions), min(self.k_patches, len(ds)))
+                                  D.all_gather_cat(top.positions), k)
         top = top._replace(values=vals, indices=idx, positions=pos)
         # the units' mean activation over the probe set, read as the model reads them
         data_mean = D.all_reduce_sum(top.max_sum if pooling == "max" else top.mean_sum) / max(1, len(ds))
