@@ -8,12 +8,13 @@ import torch
 
 from algorithms.attribution.masks import SPLITS, probe_items
 from algorithms.featviz import (PARAMETRISATIONS, colour_correlation_sqrt, featviz_jobs, featviz_result,
-                                first_layer_filters, keep_top, no_top_activations, save_grid, save_patch_grid,
-                                standard_transforms, top_activations, top_activations_of_maps,
-                                visualize_units)
+                                first_layer_filters, keep_top, no_top_activations, patch_crops, save_grid,
+                                save_patch_grid, save_unit_sheet, standard_transforms, top_activations,
+                                top_activations_of_maps, unit_label, visualize_units)
 from callbacks.base import InterpretationCallback, check_fraction, check_int
 from core import distributed as D
 from core.errors import ConfigError
+from core.protocol import PrototypeModel
 from core.probe import capture, layer_pooling, resolve_one
 
 
@@ -22,7 +23,9 @@ class FeatureVisualizationCallback(InterpretationCallback):
     `layer` (default: the model's default probe layer, else its last probe layer) and of the class scores when
     `classes` is true, the jobs split over ranks, `steps` Adam steps each; the first-layer filter grid; the
     top-`k_patches` activating probe patches per unit (probe images sharded, the candidates gathered). Rank 0
-    writes units.png / classes.png / filters.png / patches.png and featviz.json.
+    writes units.png / classes.png / filters.png / patches.png (plain grids) and unit_sheet.png / class_sheet.png (the
+    same images labelled: unit, its dissection concept and IoU when this epoch dissected the layer, its activation
+    against the data, the top patches' activations; the class names and scores) and featviz.json.
 
     Warm start: a run continues from the previous run's parametrisation for `warm_steps` steps (null: every run
     starts from noise for `steps`); every `restart_every_n_epochs`-th epoch (null: never) starts from noise again.
@@ -190,10 +193,14 @@ class FeatureVisualizationCallback(InterpretationCallback):
         unit_rows = [i for i, j in enumerate(jobs) if j[0] == "unit"]
         class_rows = [i for i, j in enumerate(jobs) if j[0] == "class"]
         save_grid(images[unit_rows], out / "units.png", nrow=8, upscale=2)
-        paths.append(out / "units.png")
         if class_rows:
             save_grid(images[class_rows], out / "classes.png", nrow=8, upscale=2)
-            paths.append(out / "classes.png")
+            units = [u for u in result.units if u.kind == "class"]
+            save_unit_sheet(images[class_rows], None, out / "class_sheet.png",
+                            [f"class {u.index}\n{u.name or ''}\nscore {u.final:.2f}\n(start {u.initial:.2f})"
+                             for u in units], title=f"featviz: class scores, epoch {result.epoch}",
+                            headers=("optimised image", ""), columns=4)
+            paths.append(out / "class_sheet.png")
         filters = first_layer_filters(module)
         save_grid(filters, out / "filters.png", nrow=16, upscale=max(1, 24 // filters.shape[-1]))
         paths.append(out / "filters.png")
@@ -206,5 +213,46 @@ class FeatureVisualizationCallback(InterpretationCallback):
                                                          if hasattr(dm, "denormalize") else item["image"]))
             save_patch_grid(torch.stack(raws), top.positions.transpose(0, 1).reshape(-1, 2), top.map_size,
                             out / "patches.png", per_unit=top.indices.shape[0], patch=self.patch_size)
-            paths.append(out / "patches.png")
+        self._unit_sheet(trainer, module, result, images[unit_rows], raws if top.indices.numel() else None, top,
+                         out / "unit_sheet.png")
+        paths.append(out / "unit_sheet.png")
         self.log_images(trainer, "grids", paths, [p.stem for p in paths])
+
+    def _unit_sheet(self, trainer, module, result, vis, raws, top, path) -> None:
+        """unit_sheet.png: per unit its label (channel, or prototype and its class; the dissection concept and IoU
+        when the dissection callback dissected this layer this epoch; final activation against the data mean), its
+        optimised image and its top probe patches with their activations (rank 0, no collectives)."""
+        units = [u for u in result.units if u.kind == "unit"]
+        concepts = self._concepts(trainer, result.layer, int(result.epoch))
+        # the units of a PrototypeModel's unit layer are its prototypes (core/protocol.py): label them with their class
+        classes = None
+        if isinstance(module, PrototypeModel) and result.layer == getattr(module, "unit_layer", None):
+            classes = module.prototype_classes.tolist()
+        names = getattr(self.datamodule(trainer), "class_names", None)
+        labels = [unit_label(u, result.pooling, concepts.get(u.index),
+                             None if classes is None else (names[classes[u.index]] if names else classes[u.index]))
+                  for u in units]
+        patches, captions = None, None
+        if raws is not None and result.top_patches is not None:
+            k = top.indices.shape[0]
+            cut = patch_crops(torch.stack(raws), top.positions.transpose(0, 1).reshape(-1, 2), top.map_size,
+                              self.patch_size)
+            patches = cut.reshape(len(units), k, *cut.shape[1:])
+            tp = result.top_patches
+            captions = [[f"#{i} {a:.2f}" for i, a in zip(idx, act)]
+                        for idx, act in zip(tp.dataset_index, tp.activation)]
+        save_unit_sheet(vis, patches, path, labels, captions,
+                        title=f"featviz: {result.layer}, epoch {result.epoch} (activation: the unit map's "
+                              f"{result.pooling}; under each patch: probe image #, the unit's peak there)")
+
+    def _concepts(self, trainer, layer: str, epoch: int) -> dict[int, str]:
+        """channel -> "concept (IoU x.xx)" from the dissection callback's own result of this epoch, when it dissected
+        `layer`; nothing is computed here."""
+        dissection = self.provider(trainer, "dissection", required=False)
+        results = getattr(dissection, "results", None) or {}
+        if dissection is None or getattr(dissection, "results_epoch", None) != epoch or layer not in results:
+            return {}
+        res = results[layer]
+        return {int(r["unit"]) - 1: f"{r['label']} (IoU {r['score']:.2f}" +
+                ("" if r["interpretable"] else f" < {res.iou_threshold:g}") + ")"
+                for r in res.labels() if r["label"] != "-"}

@@ -185,7 +185,7 @@ def test_callback_writes_grids_and_json(tmp_path):
     with interpretation_mode(model):
         metrics = cb.run(fake_trainer(tmp_path, SquaresData(n=10, size=32)), model, 2)
     out = tmp_path / "interp" / "featviz" / "epoch_002"
-    for name in ("units.png", "classes.png", "filters.png", "patches.png"):
+    for name in ("units.png", "classes.png", "filters.png", "patches.png", "unit_sheet.png", "class_sheet.png"):
         assert (out / name).stat().st_size > 100, name
     saved = FeatvizResult.load(out / "featviz.json")
     assert [u.kind for u in saved.units] == ["unit"] * 3 + ["class"] * 4
@@ -321,3 +321,54 @@ def test_warm_start_with_a_quarter_of_the_steps_keeps_the_quality_of_a_start_fro
     assert again._warm["key"] == warm._warm["key"]
     with pytest.raises(ConfigError, match="callbacks.featviz.warm_steps"):
         FeatureVisualizationCallback(warm_steps=0)
+
+
+def test_unit_sheet_puts_every_image_at_its_box_unchanged(tmp_path):
+    """Each unit's visualisation and each of its patches appear in the sheet pixel for pixel (nearest upscaling to
+    the cell), at the boxes the function reports, with the units in `columns` columns."""
+    import numpy as np
+    from PIL import Image
+    from algorithms.featviz import save_unit_sheet
+    g = torch.Generator().manual_seed(0)
+    vis, patches = torch.rand(5, 3, 16, 16, generator=g), torch.rand(5, 3, 3, 8, 8, generator=g)
+    boxes = save_unit_sheet(vis, patches, tmp_path / "s.png", [f"unit {u}\nline two" for u in range(5)],
+                            [[f"#{j}" for j in range(3)] for _ in range(5)], title="t", cell=32, columns=2)
+    sheet = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
+    side = boxes["cell"]
+
+    def at(xy):
+        return sheet[xy[1]:xy[1] + side, xy[0]:xy[0] + side]
+
+    def expect(img, scale):
+        return (img.permute(1, 2, 0) * 255).round().byte().numpy().repeat(scale, 0).repeat(scale, 1)
+
+    for u in range(5):
+        assert (at(boxes["vis"][u]) == expect(vis[u], 2)).all(), u
+        for j in range(3):
+            assert (at(boxes["patches"][u][j]) == expect(patches[u, j], 4)).all(), (u, j)
+    xs = sorted({b[0] for b in boxes["vis"]})
+    assert len(xs) == 2 and [b[1] for b in boxes["vis"]][::2] == sorted({b[1] for b in boxes["vis"]})
+
+
+def test_unit_labels_name_the_unit_its_concept_activation_and_prototype_class():
+    from algorithms.featviz import FeatvizUnit, unit_label
+    u = FeatvizUnit(kind="unit", index=3, initial=0.25, final=4.0, data_mean=2.0)
+    assert unit_label(u, "mean") == "unit 3\nmean 4.00 (start 0.25)\n2.0x its data mean"
+    assert unit_label(u, "max", concept="red (IoU 0.21)", owner="red-circle") == \
+        "prototype 3\nclass red-circle\nred (IoU 0.21)\nmax 4.00 (start 0.25)\n2.0x its data mean"
+
+
+def test_unit_sheet_labels_come_from_this_epochs_dissection_of_the_layer():
+    """The concept of each unit is the dissection callback's own result for this epoch and layer (nothing is
+    computed for the figure); another epoch or layer gives no concept."""
+    from callbacks.dissection import DissectionCallback
+    from tests.test_composability import labelled
+    dissection = DissectionCallback()
+    result = labelled([1, 0, 3, 4])
+    result.intersection[3, 4] = 2.0   # 2 / (30 + 30 - 2) = 0.034, below the 0.04 of an interpretable unit
+    dissection.results, dissection.results_epoch = {"backbone.conv4": result}, 4
+    trainer = SimpleNamespace(callbacks=[dissection])
+    cb = FeatureVisualizationCallback()
+    assert cb._concepts(trainer, "backbone.conv4", 4) == {0: "circle (IoU 0.50)", 2: "red (IoU 0.50)",
+                                                          3: "green (IoU 0.03 < 0.04)"}
+    assert cb._concepts(trainer, "backbone.conv4", 5) == {} and cb._concepts(trainer, "backbone.conv3", 4) == {}

@@ -10,7 +10,7 @@ Lightning):
 - optimise.py: `visualize`, `objective_forward`, `unit_activation`, `optimised_layer`, `visualize_units`
 - dataset_examples.py: `top_activations` (`top_activations_of_maps` from maps already computed), `keep_top`, `crop_patches`, `first_layer_filters`
 - result.py: `FeatvizResult` (schema "featviz"), `featviz_result`, `GAIN_FLOOR`
-- render.py: `save_grid`, `save_patch_grid`
+- render.py: `save_grid`, `save_patch_grid`, `patch_crops`, `save_unit_sheet` (a labelled sheet: unit, visualisation, top patches), `unit_label`
 
     param = FourierImage(batch=8, channels=3, size=64, device=model.device)
     obj = channel("backbone.conv4:pre_relu", range(8)) - 0.1 * diversity("backbone.conv4")
@@ -25,7 +25,7 @@ from algorithms.featviz.optimise import (objective_forward, objective_points, op
                                          visualize, visualize_units)
 from algorithms.featviz.parametrisations import (IMAGENET_COLOUR_SQRT, PARAMETRISATIONS, FourierImage, PixelImage,
                                                  colour_correlation_sqrt)
-from algorithms.featviz.render import save_grid, save_patch_grid
+from algorithms.featviz.render import patch_crops, save_grid, save_patch_grid, save_unit_sheet, unit_label
 from algorithms.featviz.result import GAIN_FLOOR, FeatvizResult, FeatvizUnit, TopPatches, featviz_result
 from algorithms.featviz.transforms import (AffineTransform, compose, fit_size, jitter, pad, random_rotate,
                                            random_scale, standard_transforms)
@@ -34,6 +34,6 @@ __all__ = ["AffineTransform", "FeatvizResult", "FeatvizUnit", "FourierImage", "G
            "Objective", "PARAMETRISATIONS", "PixelImage", "TopActivations", "TopPatches", "channel", "class_logit",
            "colour_correlation_sqrt", "compose", "crop_patches", "diversity", "featviz_jobs", "featviz_result",
            "first_layer_filters", "fit_size", "jitter", "keep_top", "neuron", "no_top_activations",
-           "objective_forward", "objective_points", "optimised_layer", "pad", "random_rotate", "random_scale",
-           "save_grid", "save_patch_grid", "standard_transforms", "top_activations", "top_activations_of_maps", "unit_activation",
-           "unit_objective", "visualize", "visualize_units"]
+           "objective_forward", "objective_points", "optimised_layer", "pad", "patch_crops", "random_rotate", "random_scale",
+           "save_grid", "save_patch_grid", "save_unit_sheet", "standard_transforms", "top_activations", "top_activations_of_maps", "unit_activation",
+           "unit_label", "unit_objective", "visualize", "visualize_units"]

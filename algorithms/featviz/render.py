@@ -20,7 +20,87 @@ def save_patch_grid(raws: Tensor, positions: Tensor, map_size: Sequence[int], pa
                     patch: int | None = None) -> None:
     """One row of `per_unit` patches per unit: `raws` [U * per_unit, C, H, W] (unit-major) images in [0, 1], each
     cropped around its map position [U * per_unit, 2]; patch side: `patch` or half the image side (>= 8 px)."""
+    patches = patch_crops(raws, positions, map_size, patch)
+    save_grid(patches, path, nrow=per_unit, upscale=max(1, 48 // patches.shape[-1]))
+
+
+def patch_crops(raws: Tensor, positions: Tensor, map_size: Sequence[int], patch: int | None = None) -> Tensor:
+    """The patches [N, C, p, p] of `raws` [N, C, H, W] around their map positions [N, 2]; side `patch` or half the
+    image side (>= 8 px), at most the image."""
     H = raws.shape[-1]
-    patch = patch or max(8, H // 2)
-    patches = crop_patches(raws.float().cpu(), positions.cpu(), map_size, min(patch, H))
-    save_grid(patches, path, nrow=per_unit, upscale=max(1, 48 // patch))
+    return crop_patches(raws.float().cpu(), positions.cpu(), map_size, min(patch or max(8, H // 2), H))
+
+
+def _rgb(image01: Tensor, side: int):
+    """A [C, H, W] image in [0, 1] as a PIL RGB image of `side` px (nearest: the pixels stay visible)."""
+    from PIL import Image
+    img = image01.detach().float().cpu().clamp(0, 1)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    arr = (img[:3].permute(1, 2, 0) * 255).round().byte().numpy()
+    return Image.fromarray(arr).resize((side, side), Image.NEAREST)
+
+
+def save_unit_sheet(vis01: Tensor, patches01: Tensor | None, path, row_labels: Sequence[str],
+                    patch_labels: Sequence[Sequence[str]] | None = None, title: str = "", cell: int = 96,
+                    headers: Sequence[str] = ("optimised image", "top probe patches"), columns: int = 1):
+    """A labelled sheet, one row per unit: its label (`row_labels`, may hold several lines), its visualisation
+    `vis01` [U, C, H, W] and, when given, its top patches `patches01` [U, k, C, p, p] each captioned with
+    `patch_labels[u][j]`; `title` on top; the rows in `columns` columns. Drawn with PIL (milliseconds, no matplotlib
+    figure). Returns where the images went: {"cell": side, "vis": [(x, y)] per unit, "patches": [[(x, y)] * k] per
+    unit} (top-left corners in the sheet)."""
+    from PIL import Image, ImageDraw, ImageFont
+    U = vis01.shape[0]
+    k = 0 if patches01 is None else patches01.shape[1]
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    draw0 = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = lambda s: draw0.textbbox((0, 0), s, font=font)[2]  # noqa: E731
+    line_h = draw0.textbbox((0, 0), "Ag", font=font)[3] + 3
+    label_w = max([text_w(line) for lab in row_labels for line in str(lab).split("\n")] + [40]) + 12
+    gap, pad = 4, 6
+    row_h = cell + (line_h if k else 0) + gap
+    top = pad + (line_h if title else 0) + line_h
+    block_w = label_w + cell + (gap * 3 + k * (cell + gap) if k else 0) + pad
+    columns = max(1, min(int(columns), U))
+    rows = -(-U // columns)
+    width = max(block_w * columns + pad, text_w(title) + 2 * pad if title else 0)
+    sheet = Image.new("RGB", (width, top + rows * row_h + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    y_head = pad + (line_h if title else 0)
+    for col in range(columns):
+        draw.text((col * block_w + label_w, y_head), headers[0], fill=(80, 80, 80), font=font)
+        if k:
+            draw.text((col * block_w + label_w + cell + gap * 3, y_head), headers[1], fill=(80, 80, 80), font=font)
+    boxes = {"cell": cell, "vis": [], "patches": []}
+    for u in range(U):
+        x0, y = (u % columns) * block_w, top + (u // columns) * row_h
+        draw.multiline_text((x0 + pad, y + 2), str(row_labels[u]), fill=(0, 0, 0), font=font, spacing=3)
+        sheet.paste(_rgb(vis01[u], cell), (x0 + label_w, y))
+        boxes["vis"].append((x0 + label_w, y))
+        boxes["patches"].append([])
+        for j in range(k):
+            x = x0 + label_w + cell + gap * 3 + j * (cell + gap)
+            sheet.paste(_rgb(patches01[u, j], cell), (x, y))
+            boxes["patches"][-1].append((x, y))
+            if patch_labels is not None:
+                draw.text((x, y + cell + 1), str(patch_labels[u][j]), fill=(60, 60, 60), font=font)
+    sheet.save(str(path))
+    return boxes
+
+
+def unit_label(unit, pooling: str, concept: str | None = None, owner: str | None = None) -> str:
+    """The label of one unit's row in a unit sheet: "unit j" (or "prototype j" and "class <owner>" for a prototype),
+    its dissection concept when known, its final activation on the optimised image with the start, and the final
+    activation against the unit's mean over the probe images. `unit`: a FeatvizUnit."""
+    lines = [f"unit {unit.index}"] if owner is None else [f"prototype {unit.index}", f"class {owner}"]
+    if concept:
+        lines.append(concept)
+    lines.append(f"{pooling} {unit.final:.2f} (start {unit.initial:.2f})")
+    if unit.data_mean:
+        lines.append(f"{unit.final / unit.data_mean:.1f}x its data mean")
+    return "\n".join(lines)

@@ -417,11 +417,17 @@ class RunReport:
             out += (f"<p class=\"muted\">Layer {esc(res.layer)}, {res.steps} steps, {esc(res.parametrisation)} "
                     f"parametrisation. The unit visualizations are also on the unit cards.</p>"
                     + kv_table(sorted(res.metrics.items())))
-        captions = {"units.png": "units", "classes.png": "classes", "filters.png": "first-layer filters",
-                    "patches.png": "top activating patches (one row per unit)"}
+        # the labelled sheets where the run wrote them, else (older runs) the plain grids
+        captions = {"unit_sheet.png": "units: optimised image and top activating probe patches",
+                    "class_sheet.png": "classes", "filters.png": "first-layer filters"}
+        if not (folder / "unit_sheet.png").is_file():
+            captions = {"units.png": "units", "classes.png": "classes", "filters.png": "first-layer filters",
+                        "patches.png": "top activating patches (one row per unit)"}
         for name, cap in captions.items():
             if (folder / name).is_file():
-                out += figure(img(folder / name, HALF, cap, photo=True, pixelated=True), f"{cap}, epoch {epoch}")
+                sheet = name.endswith("_sheet.png")   # text on it: shown wide, smoothed
+                out += figure(img(folder / name, WIDE if sheet else HALF, cap, photo=True, pixelated=not sheet),
+                              f"{cap}, epoch {epoch}")
         return out
 
     def dissection_section(self) -> str:
