@@ -1,6 +1,11 @@
 """A DCGAN (Radford et al. 2016) for the image data sets, at their native size, trained with Lightning's manual
 optimisation (one D step, then one G step per batch; both optimisers are checkpointed, so runs resume).
 
+`ema_decay` (e.g. 0.999) keeps an exponential moving average of the generator's weights (Yazici et al., ICLR 2019),
+`generator_ema`: it is what the model samples, validates and offers for interpretation (`generate`, the probe layers,
+the latent affine map), while `generator` is the one trained; its batch-norm statistics are re-estimated for its own
+weights before every validation (`recalibrate`, fixed latents), and val/fd_raw is the trained generator's FD.
+
 Generator: z -> `stem` (Linear + BN + ReLU to a 4x4 map: the affine first step SeFa reads) -> `block1..blockN`
 (ConvTranspose 4x4 stride 2 + BN + ReLU, doubling the size) -> `to_rgb` (ConvTranspose + tanh) -> images in [0, 1].
 Discriminator: the mirror with LeakyReLU(0.2). Loss: the non-saturating GAN loss. `hessian_penalty` > 0 adds the
@@ -12,6 +17,7 @@ generation quality every validation epoch: val/fd (the Fréchet distance of gene
 the segmenter's feature space) and val/concept_freq_l1 (mean |frequency generated - real| of the concepts)."""
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -101,6 +107,7 @@ class GAN(LightningModule):
                  g_widths: Sequence[int] = (128, 64, 32, 16), d_widths: Sequence[int] = (16, 32, 64, 128),
                  segmenter: str | None = None, hessian_penalty: float = 0.0, hessian_samples: int = 2,
                  hessian_eps: float = 0.1, hessian_batch: int = 16, fd_samples: int = 1000,
+                 ema_decay: float | None = None, ema_recalibration_batches: int = 8,
                  optimizer: Callable | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -112,28 +119,67 @@ class GAN(LightningModule):
         self.generator = Generator(self.latent_dim, g_widths, int(channels), int(image_size))
         self.discriminator = Discriminator(d_widths, int(channels))
         self.hessian_weight = float(hessian_penalty)
+        if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
+            raise ConfigError(f"model.ema_decay={ema_decay}: a decay in (0, 1), e.g. 0.999 (null = no EMA generator)")
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        # the averaged generator: a submodule, so checkpoints and resume carry it; never trained by an optimiser
+        self.generator_ema = (copy.deepcopy(self.generator).requires_grad_(False) if self.ema_decay is not None
+                              else None)
         self.optimizer_factory = optimizer
         # kept outside the module tree: not trained, not in the GAN's checkpoint (it is its own checkpoint)
         self._segmenter = [load_segmenter(segmenter)]
         self._val_real: list[torch.Tensor] = []
 
     # ----- GenerativeModel (core/protocol.py) ---------------------------------------------------------------------
+    @property
+    def sampler(self) -> Generator:
+        """The generator that samples, is validated and is interpreted: the EMA one when `ema_decay` is set."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
     def probe_layers(self) -> "OrderedDict[str, nn.Module]":
-        g = self.generator
+        g = self.sampler
         return OrderedDict([("stem", g.stem)] + [(f"block{i + 1}", b) for i, b in enumerate(g.blocks)])
 
     def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.latent_dim, generator=generator)
 
     def generate(self, z: torch.Tensor) -> torch.Tensor:
-        return self.generator(z)
+        return self.sampler(z)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.generator(z)
+        return self.sampler(z)
 
     def latent_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        fc = self.generator.stem[0]
+        fc = self.sampler.stem[0]
         return fc.weight, fc.bias
+
+    # ----- the EMA generator --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * trained, every parameter in one fused call."""
+        ema = list(self.generator_ema.parameters())
+        torch._foreach_lerp_(ema, [p.detach() for p in self.generator.parameters()], 1.0 - self.ema_decay)
+
+    @torch.no_grad()
+    def recalibrate(self) -> None:
+        """Re-estimate the EMA generator's batch-norm statistics for its own weights (the averaged weights never ran
+        with the trained generator's statistics): the exact mean over `ema_recalibration_batches` batches of 64
+        fixed latents, in train mode. Deterministic, and leaves the global random stream alone."""
+        g = self.generator_ema
+        norms = [m for m in g.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        saved = [(m.momentum, m.training) for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None           # cumulative average
+            m.train()
+        rng = torch.Generator().manual_seed(4321)
+        for _ in range(int(self.hparams.ema_recalibration_batches)):
+            g(torch.randn(64, self.latent_dim, generator=rng).to(self.device))
+        for m, (momentum, training) in zip(norms, saved):
+            m.momentum = momentum
+            m.train(training)
 
     @property
     def concept_segmenter(self) -> ConceptSegmenterModule | None:
@@ -177,6 +223,8 @@ class GAN(LightningModule):
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt_g.step()
+        if self.generator_ema is not None:
+            self.update_ema()
         self.log("train/d_loss", d_loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/g_loss", g_loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
 
@@ -192,6 +240,10 @@ class GAN(LightningModule):
         present = (seg.concept_probabilities(images) > 0.5).float().mean(dim=(2, 3)) > PRESENT_SHARE
         return torch.cat([seg.embedding(images), present.float()], 1)
 
+    def on_validation_epoch_start(self):
+        if self.generator_ema is not None:
+            self.recalibrate()
+
     def on_validation_epoch_end(self):
         seg = self.concept_segmenter
         if seg is None or not self._val_real:
@@ -200,9 +252,12 @@ class GAN(LightningModule):
         self._val_real = []
         g = torch.Generator().manual_seed(1234)   # the same latents every epoch
         z = torch.randn(min(int(self.hparams.fd_samples), len(real)), self.latent_dim, generator=g).to(self.device)
-        fake = torch.cat([self._measure(seg, self.generator(zb)) for zb in z.split(128)])
+        fake = torch.cat([self._measure(seg, self.sampler(zb)) for zb in z.split(128)])
         f = real.shape[1] - len(seg.concept_names)    # [features | presence of concepts 0..C]
         self.log("val/fd", frechet_distance(real[:, :f], fake[:, :f]), prog_bar=True)
+        if self.generator_ema is not None:   # the trained generator, for comparison
+            raw = torch.cat([seg.embedding(self.generator(zb)) for zb in z.split(128)])
+            self.log("val/fd_raw", frechet_distance(real[:, :f], raw))
         freq_real, freq_fake = real[:, f + 1:].mean(0), fake[:, f + 1:].mean(0)   # concept 0 (unlabelled) dropped
         self.log("val/concept_freq_l1", float((freq_real - freq_fake).abs().mean()))
         names = seg.concept_names

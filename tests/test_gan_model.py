@@ -33,7 +33,7 @@ def gan_run(segmenter_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("gan")
     ckpt = segmenter_run[0] / "checkpoints" / "last.ckpt"
     metrics = train_run([*SMALL, "model=gan", f"model.segmenter={ckpt}", "model.hessian_penalty=0.1",
-                         "model.hessian_batch=4", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+                         "model.ema_decay=0.9", "model.hessian_batch=4", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
                          "datamodule.batch_size=16",
                          "callbacks.gan_dissection.num_samples=32", "callbacks.gan_intervention.num_samples=8",
                          "callbacks.gan_intervention.random_draws=1", "callbacks.gan_intervention.concepts=[circle]",
@@ -54,6 +54,7 @@ def test_gan_run_writes_quality_and_typed_results(gan_run):
     run = json.loads((out / "metrics.json").read_text())
     assert run["status"] == "completed" and not run["interp_errors"], run.get("interp_errors")
     assert metrics["val/fd"] > 0 and 0 <= metrics["val/concept_freq_l1"] <= 1
+    assert metrics["val/fd_raw"] > 0 and metrics["val/fd_raw"] != metrics["val/fd"]   # the EMA and the trained G
     assert "train/hessian_penalty" in metrics
     for key in ("interp/gan_dissection/interpretable_units", "interp/gan_intervention/ablation_drop",
                 "interp/gan_directions/sefa/max_concept_change", "interp/gan_directions/random/concepts_changed"):
@@ -96,3 +97,51 @@ def test_unknown_layer_fails_before_training(segmenter_run, run_train):
     with pytest.raises(ConfigError, match="callbacks.gan_dissection.layer.*block9.*valid: stem, .*block1"):
         run_train([*SMALL, "model=gan", f"model.segmenter={ckpt}", "callbacks.gan_dissection.layer=block9",
                    "trainer.max_epochs=1", "+trainer.limit_train_batches=1"])
+
+
+def test_ema_generator_averages_the_trained_weights_and_is_what_the_model_samples():
+    torch.manual_seed(0)
+    gan = GAN(g_widths=(16, 8, 8, 4), d_widths=(4, 8, 8, 16), latent_dim=8, ema_decay=0.9)
+    assert gan.sampler is gan.generator_ema and gan.probe_layers()["stem"] is gan.generator_ema.stem
+    assert not any(p.requires_grad for p in gan.generator_ema.parameters())
+    old = [p.detach().clone() for p in gan.generator_ema.parameters()]
+    with torch.no_grad():
+        for p in gan.generator.parameters():
+            p.add_(torch.randn_like(p))
+    gan.update_ema()
+    for o, e, t in zip(old, gan.generator_ema.parameters(), gan.generator.parameters()):
+        torch.testing.assert_close(e, 0.9 * o + 0.1 * t)
+    # what the model generates (and checkpoints) is the averaged generator
+    z = torch.randn(3, 8)
+    gan.eval()
+    torch.testing.assert_close(gan.generate(z), gan.generator_ema(z))
+    assert any(k.startswith("generator_ema.") for k in gan.state_dict())
+    assert GAN(ema_decay=None).sampler is not None and GAN(ema_decay=None).generator_ema is None
+
+
+def test_ema_recalibration_estimates_its_own_batch_norm_statistics_deterministically():
+    """The stem's running mean after recalibration is the mean of its pre-BN activations over the fixed latents
+    (8 equal batches: the cumulative average of the batch means is the overall mean), the same every time, and the
+    global random stream is untouched."""
+    torch.manual_seed(0)
+    gan = GAN(g_widths=(16, 8, 8, 4), d_widths=(4, 8, 8, 16), latent_dim=8, ema_decay=0.5,
+              ema_recalibration_batches=3).eval()
+    state = torch.get_rng_state()
+    gan.recalibrate()
+    assert torch.equal(torch.get_rng_state(), state)
+    first = {k: v.clone() for k, v in gan.generator_ema.state_dict().items() if "running" in k}
+    rng = torch.Generator().manual_seed(4321)
+    z = torch.cat([torch.randn(64, 8, generator=rng) for _ in range(3)])
+    pre = gan.generator_ema.stem[1](gan.generator_ema.stem[0](z))        # Linear + Unflatten: the BN input
+    torch.testing.assert_close(gan.generator_ema.stem[2].running_mean, pre.mean(dim=(0, 2, 3)))
+    assert gan.generator_ema.stem[2].momentum == 0.1 and not gan.generator_ema.stem[2].training  # restored
+    gan.recalibrate()
+    for k, v in gan.generator_ema.state_dict().items():
+        if "running" in k:
+            assert torch.equal(v, first[k]), k
+
+
+def test_bad_ema_decay_names_the_option():
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="model.ema_decay"):
+            GAN(ema_decay=bad)
