@@ -114,10 +114,12 @@ class Sides:
         for dm in self.datamodules:
             dm.prepare_data()
             dm.setup("fit")
+        from pipeline.training import apply_memory_format
         models = []
         for _ in range(2):
             pl.seed_everything(0, verbose=False)
-            models.append(hydra.utils.instantiate(cfg.model))
+            # both sides in the layout train.py gives the model (config `channels_last`)
+            models.append(apply_memory_format(hydra.utils.instantiate(cfg.model), cfg.get("channels_last", False)))
         self.model = models[0]
         self.plain = PlainLoop(models[1], self.datamodules[1], self.device, batches)
         self.loggers, _ = build_loggers(cfg, run_dir, "throughput")

@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -152,9 +153,16 @@ def build_model_and_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, dict
     apply_sweep_group(cfg)  # multirun: W&B group = sweep folder name
     datamodule = hydra.utils.instantiate(cfg.datamodule)
     fill_data_shape(cfg, datamodule)
-    model = hydra.utils.instantiate(cfg.model)
+    model = apply_memory_format(hydra.utils.instantiate(cfg.model), cfg.get("channels_last", False))
     check_model_data_agree(cfg, datamodule)
     return datamodule, model, run_identity(cfg, datamodule, run_dir)
+
+
+def apply_memory_format(model, channels_last: bool):
+    """`channels_last: true` stores the model's 4-D weights channels-last (NHWC), so its convolutions run in that
+    layout (an NCHW input is converted by the first convolution). On the 2-core CPU a training step of the small
+    backbone is 1.3x (cnn) to 1.5x (ProtoPNet) faster (docs/overhead.md); the values agree to float rounding."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -244,6 +244,7 @@ RULES: list[tuple[str, Callable]] = [
     # the run
     ("seed", integer(null=True)),
     ("test", boolean()),
+    ("channels_last", boolean()),
     ("ckpt_path", existing_file),
 ]
 

@@ -379,6 +379,7 @@ BAD = [
     (["trainer.devices=0"], r"trainer\.devices=0: must be an integer >= 1, -1"),
     (["+trainer.precision=17"], r"trainer\.precision=17: choose one of"),
     (["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path='/nonexistent/last\.ckpt': does not exist"),
+    (["channels_last=maybe"], r"channels_last='?maybe'?: must be true or false"),
 ]
 
 
