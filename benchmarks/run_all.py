@@ -36,6 +36,7 @@ QUICK_ARGS = {
     "push": ["--images", "1500", "--repeats", "2"],
     # 3 timed pairs of 10-batch epochs (the whole 6000-image split takes ~1.5 min per epoch on a loaded machine)
     "train_throughput": ["--pairs", "3", "--batches", "10"],
+    "memory_format": ["--pairs", "3", "--batches", "10"],
 }
 #: left out by --quick: trains models for many minutes
 QUICK_SKIP = {"callback_overhead"}
