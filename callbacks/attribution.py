@@ -135,10 +135,10 @@ class AttributionCallback(InterpretationCallback):
             out = self.epoch_dir(trainer, epoch)
             result.save(out / "metrics.json")
             if self.render_due(trainer, self.render_every_n_epochs):
-                self._render(trainer, module, ds, masks, out, keep(self.render_methods))
+                self._render(trainer, module, ds, masks, out, keep(self.render_methods), int(epoch))
         return result.flat()
 
-    def _render(self, trainer, module, ds, masks, out, methods):
+    def _render(self, trainer, module, ds, masks, out, methods, epoch: int):
         """Rank 0 only, no collectives: overlays of the first num_render probe images."""
         n = min(self.num_render, len(ds))
         if n == 0 or not methods:
@@ -153,5 +153,7 @@ class AttributionCallback(InterpretationCallback):
         names = getattr(dm, "class_names", None)
         titles = [f"{names[int(t)] if names else int(t)}" for t in target] if target is not None else None
         path = out / "overlays.png"
-        render_overlays(raw, maps, path, titles)
+        layer = self.layer or default_layer(module)
+        render_overlays(raw, maps, path, titles and [f"probe {i}\nexplained:\n{t}" for i, t in enumerate(titles)],
+                        title=f"attribution maps (Grad-CAM and CAM at {layer}), epoch {epoch}")
         self.log_images(trainer, "overlays", [path])

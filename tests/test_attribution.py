@@ -417,3 +417,28 @@ def test_two_process_metrics_equal_single_process(tmp_path):
     assert patches["dataset_index"] == single_patches["dataset_index"]  # shards 0-6 and 7-12 merged exactly
     assert patches["position"] == single_patches["position"]
     assert (tmp_path / "ddp" / "interp" / "attribution" / "epoch_000" / "overlays.png").exists()
+
+
+def test_overlay_sheet_blends_jet_over_the_image_and_places_every_cell():
+    """heat_overlay = 0.5 image + 0.5 jet(min-max scaled map) (jet(0) = (0, 0, 0.5), jet(1) = (0.5, 0, 0));
+    gradient images centred on grey; every cell of the sheet is its image pixel for pixel at the reported box."""
+    import numpy as np
+    from PIL import Image
+    from algorithms.attribution.render import gradient_image, heat_overlay, render_overlays
+    over = heat_overlay(torch.zeros(3, 1, 2), torch.tensor([[0.0, 4.0]]))
+    torch.testing.assert_close(over[:, 0, 0], torch.tensor([0.0, 0.0, 0.25]))
+    torch.testing.assert_close(over[:, 0, 1], torch.tensor([0.25, 0.0, 0.0]))
+    torch.testing.assert_close(gradient_image(torch.tensor([[[-2.0, 1.0]]])), torch.tensor([[[0.0, 0.75]]]))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 16, 16, generator=g)
+    maps = {"gradcam": torch.rand(3, 1, 16, 16, generator=g), "saliency": torch.randn(3, 3, 16, 16, generator=g)}
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        layout = render_overlays(images, maps, f"{d}/o.png", ["a", "b", "c"], title="t")
+        sheet = np.asarray(Image.open(f"{d}/o.png").convert("RGB"))
+    side = layout["cell"]
+    for r in range(3):
+        expected = [images[r], heat_overlay(images[r], maps["gradcam"][r, 0]), gradient_image(maps["saliency"][r])]
+        for (x, y), want in zip(layout["boxes"][r], expected):
+            want = (want.permute(1, 2, 0) * 255).round().byte().numpy().repeat(side // 16, 0).repeat(side // 16, 1)
+            assert (sheet[y:y + side, x:x + side] == want).all()

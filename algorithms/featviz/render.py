@@ -6,6 +6,7 @@ from typing import Sequence
 from torch import Tensor
 
 from algorithms.featviz.dataset_examples import crop_patches
+from core.image_sheet import font as sheet_font, text_size, to_pil
 
 
 def save_grid(images01: Tensor, path, nrow: int, upscale: int = 1) -> None:
@@ -31,16 +32,6 @@ def patch_crops(raws: Tensor, positions: Tensor, map_size: Sequence[int], patch:
     return crop_patches(raws.float().cpu(), positions.cpu(), map_size, min(patch or max(8, H // 2), H))
 
 
-def _rgb(image01: Tensor, side: int):
-    """A [C, H, W] image in [0, 1] as a PIL RGB image of `side` px (nearest: the pixels stay visible)."""
-    from PIL import Image
-    img = image01.detach().float().cpu().clamp(0, 1)
-    if img.shape[0] == 1:
-        img = img.expand(3, -1, -1)
-    arr = (img[:3].permute(1, 2, 0) * 255).round().byte().numpy()
-    return Image.fromarray(arr).resize((side, side), Image.NEAREST)
-
-
 def save_unit_sheet(vis01: Tensor, patches01: Tensor | None, path, row_labels: Sequence[str],
                     patch_labels: Sequence[Sequence[str]] | None = None, title: str = "", cell: int = 96,
                     headers: Sequence[str] = ("optimised image", "top probe patches"), columns: int = 1):
@@ -49,16 +40,12 @@ def save_unit_sheet(vis01: Tensor, patches01: Tensor | None, path, row_labels: S
     `patch_labels[u][j]`; `title` on top; the rows in `columns` columns. Drawn with PIL (milliseconds, no matplotlib
     figure). Returns where the images went: {"cell": side, "vis": [(x, y)] per unit, "patches": [[(x, y)] * k] per
     unit} (top-left corners in the sheet)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
     U = vis01.shape[0]
     k = 0 if patches01 is None else patches01.shape[1]
-    try:
-        font = ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        font = ImageFont.load_default()
-    draw0 = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = lambda s: draw0.textbbox((0, 0), s, font=font)[2]  # noqa: E731
-    line_h = draw0.textbbox((0, 0), "Ag", font=font)[3] + 3
+    font = sheet_font()
+    text_w = lambda s: text_size(s, font)[0]  # noqa: E731
+    line_h = text_size("Ag", font)[1] + 3
     label_w = max([text_w(line) for lab in row_labels for line in str(lab).split("\n")] + [40]) + 12
     gap, pad = 4, 6
     row_h = cell + (line_h if k else 0) + gap
@@ -80,12 +67,12 @@ def save_unit_sheet(vis01: Tensor, patches01: Tensor | None, path, row_labels: S
     for u in range(U):
         x0, y = (u % columns) * block_w, top + (u // columns) * row_h
         draw.multiline_text((x0 + pad, y + 2), str(row_labels[u]), fill=(0, 0, 0), font=font, spacing=3)
-        sheet.paste(_rgb(vis01[u], cell), (x0 + label_w, y))
+        sheet.paste(to_pil(vis01[u], cell), (x0 + label_w, y))
         boxes["vis"].append((x0 + label_w, y))
         boxes["patches"].append([])
         for j in range(k):
             x = x0 + label_w + cell + gap * 3 + j * (cell + gap)
-            sheet.paste(_rgb(patches01[u, j], cell), (x, y))
+            sheet.paste(to_pil(patches01[u, j], cell), (x, y))
             boxes["patches"][-1].append((x, y))
             if patch_labels is not None:
                 draw.text((x, y + cell + 1), str(patch_labels[u][j]), fill=(60, 60, 60), font=font)

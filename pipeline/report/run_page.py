@@ -403,7 +403,7 @@ class RunReport:
         if found is not None:
             epoch, folder = found
             out += figure(img(folder / "overlays.png", WIDE, "attribution overlays", photo=True),
-                          f"overlays, epoch {epoch}: rows are methods, columns probe images")
+                          f"overlays, epoch {epoch}: one row per probe image (the class explained), one column per method")
         return out
 
     def featviz_section(self) -> str:
