@@ -37,9 +37,10 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { SUDO=$$(command -v sudo || true); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
-# Two pytest workers on the 2 cores; each worker keeps torch to one thread (tests/conftest.py).
+# Two pytest workers on the 2 cores; each worker keeps torch to one thread (tests/conftest.py). The 20 slowest
+# tests are listed at the end, so every CI log is a profile of the suite.
 test: install browser
-	$(PYTHON) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n 2 --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PYTHON) -m pytest -n 2 --dist loadgroup -m "not slow and not ddp" $(PYTEST_ARGS)
