@@ -155,5 +155,5 @@ class AttributionCallback(InterpretationCallback):
         path = out / "overlays.png"
         layer = self.layer or default_layer(module)
         render_overlays(raw, maps, path, titles and [f"probe {i}\nexplained:\n{t}" for i, t in enumerate(titles)],
-                        title=f"attribution maps (Grad-CAM and CAM at {layer}), epoch {epoch}")
+                        title=f"attribution maps, epoch {epoch} (Grad-CAM at {layer})")
         self.log_images(trainer, "overlays", [path])

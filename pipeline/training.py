@@ -160,8 +160,9 @@ def build_model_and_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, dict
 
 def apply_memory_format(model, channels_last: bool):
     """`channels_last: true` stores the model's 4-D weights channels-last (NHWC), so its convolutions run in that
-    layout (an NCHW input is converted by the first convolution). On the 2-core CPU a training step of the small
-    backbone is 1.3x (cnn) to 1.5x (ProtoPNet) faster (docs/overhead.md); the values agree to float rounding."""
+    layout (an NCHW input is converted by the first convolution). On the 2-core CPU a framework training epoch of
+    the small backbone is about 1.2x faster (benchmarks/bench_memory_format.py, docs/overhead.md); the values agree
+    with NCHW to float rounding (tests/test_memory_format.py)."""
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
