@@ -30,6 +30,7 @@ from torch import nn
 
 from core import distributed as D
 from core.errors import ConfigError
+from models.ddp import allow_unused_parameters
 from models.gan_metrics import frechet_distance
 from models.hessian_penalty import hessian_penalty
 from models.segmenter import ConceptSegmenterModule
@@ -190,6 +191,8 @@ class GAN(LightningModule):
 
     # ----- training -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        # the discriminator step never reaches the generator: DDP must be told (it refused the GAN before)
+        allow_unused_parameters(self._trainer, stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
         if mean is not None and (any(float(m) != 0.0 for m in mean) or any(float(s) != 1.0 for s in std)):

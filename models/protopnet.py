@@ -26,6 +26,7 @@ from core import distributed as D
 from core.errors import ConfigError
 from models.backbones import build_backbone
 from models.base import ClassifierModule
+from models.ddp import allow_unused_parameters
 from models.protopnet_last_layer import (LastLayerSettings, fit_last_layer, off_class_mask, same_on_every_rank,
                                          training_similarities)
 from models.protopnet_push import PushResult, k_nearest_patches, push_prototypes, shard_loader
@@ -308,17 +309,13 @@ class ProtoPNet(ClassifierModule):
         return optimizers, schedulers
 
     def setup(self, stage: str) -> None:
-        from pytorch_lightning.strategies import DDPStrategy
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         data_classes = getattr(dm, "num_classes", None)
         if data_classes is not None and int(data_classes) != self.num_classes:
             raise ConfigError(f"model.num_classes={self.num_classes} disagrees with the data ({type(dm).__name__} "
                               f"has {data_classes} classes); drop the model.num_classes override")
-        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
-        if stage == "fit" and isinstance(strategy, DDPStrategy):
-            # Frozen groups get no gradient in warm and last-layer epochs; DDP must be told, or it waits for them.
-            # Set before the model is wrapped (Lightning calls setup() first).
-            strategy._ddp_kwargs["find_unused_parameters"] = True
+        # frozen groups get no gradient in warm and last-layer epochs; DDP must be told, or it waits for them
+        allow_unused_parameters(self._trainer, stage)
 
     def apply_phase(self, phase: str) -> None:
         """requires_grad on exactly the phase's groups (so frozen parts cost no backward pass); with

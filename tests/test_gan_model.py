@@ -145,3 +145,69 @@ def test_bad_ema_decay_names_the_option():
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ConfigError, match="model.ema_decay"):
             GAN(ema_decay=bad)
+
+
+@pytest.mark.ddp
+def test_two_process_ddp_gan_run_gives_the_single_process_gan_results(segmenter_run, tmp_path):
+    """`python train.py model=gan trainer=ddp_cpu` (2 gloo processes, manual optimisation of D and G, the EMA
+    generator): training completes (DDP refused the discriminator step, which never reaches the generator, until
+    models/ddp.py told it), and every GAN callback's result of its last epoch equals what one process computes on
+    the run's checkpoint (interpret.py): the callbacks shard their latents across ranks and reduce exactly."""
+    import os
+    import subprocess
+    import sys
+    from omegaconf import open_dict
+    from pipeline.interpreting import interpret
+    from tests.conftest import compose_config
+    root = Path(__file__).resolve().parents[1]
+    ckpt = segmenter_run[0] / "checkpoints" / "last.ckpt"
+    settings = [*SMALL, "model=gan", f"model.segmenter={ckpt}", "model.ema_decay=0.9", "datamodule.batch_size=16",
+                "callbacks.gan_dissection.num_samples=32", "callbacks.gan_intervention.num_samples=8",
+                "callbacks.gan_intervention.random_draws=1", "callbacks.gan_intervention.concepts=[circle]",
+                "callbacks.gan_directions.num_samples=3", "callbacks.gan_directions.num_directions=2"]
+    settings = [s for s in settings if s != "logger=none"] + ["logger=csv"]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, str(root / "train.py"), "trainer=ddp_cpu", *settings, "trainer.max_epochs=1",
+           "+trainer.limit_train_batches=3", f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "metrics.json").read_text())
+    assert run["status"] == "completed" and run["world_size"] == 2 and not run["interp_errors"]
+    assert run["metrics"]["val/fd"] > 0 and run["metrics"]["val/fd_raw"] > 0
+
+    single = tmp_path / "single"
+    cfg = compose_config([*settings, f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"], single,
+                         config_name="interpret")
+    with open_dict(cfg):
+        del cfg["hydra"]
+    interpret(cfg)
+    for name in ("gan_dissection", "gan_intervention", "gan_directions"):
+        got = load_result(next((out / "interp" / name).glob(f"epoch_*/{name}.json")))
+        want = load_result(next((single / "interp" / name).glob(f"epoch_*/{name}.json")))
+        assert_same(vars(got), vars(want), name)
+
+
+def assert_same(got, want, where: str) -> None:
+    """Equal results up to float rounding: each rank generates its own share of the latents, so a convolution
+    sees other batch sizes than in one process (thresholds differ by ~1e-6); integers and labels exactly."""
+    if torch.is_tensor(got):
+        assert torch.is_tensor(want) and got.shape == want.shape and got.dtype == want.dtype, where
+        if got.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=where)
+        else:
+            assert torch.equal(got, want), where
+    elif isinstance(got, dict):
+        assert isinstance(want, dict) and set(got) == set(want), where
+        for k in got:
+            assert_same(got[k], want[k], f"{where}.{k}")
+    elif isinstance(got, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(got, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5, nan_ok=True), where
+    elif hasattr(got, "__dict__") and not isinstance(got, type):
+        assert_same(vars(got), vars(want), where)
+    else:
+        assert got == want, where
