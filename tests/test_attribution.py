@@ -442,3 +442,11 @@ def test_overlay_sheet_blends_jet_over_the_image_and_places_every_cell():
         for (x, y), want in zip(layout["boxes"][r], expected):
             want = (want.permute(1, 2, 0) * 255).round().byte().numpy().repeat(side // 16, 0).repeat(side // 16, 1)
             assert (sheet[y:y + side, x:x + side] == want).all()
+
+
+def test_headers_wrap_at_spaces_and_underscores_and_keep_them():
+    from core.image_sheet import font, wrap
+    f = font()
+    assert wrap("optimised image", 96, f) == "optimised image"
+    assert wrap("top probe patches", 96, f) == "top probe\npatches"
+    assert wrap("guided_backprop", 96, f) == "guided_\nbackprop"

@@ -6,7 +6,7 @@ from typing import Sequence
 from torch import Tensor
 
 from algorithms.featviz.dataset_examples import crop_patches
-from core.image_sheet import font as sheet_font, text_size, to_pil
+from core.image_sheet import grid_sheet
 
 
 def save_grid(images01: Tensor, path, nrow: int, upscale: int = 1) -> None:
@@ -37,47 +37,16 @@ def save_unit_sheet(vis01: Tensor, patches01: Tensor | None, path, row_labels: S
                     headers: Sequence[str] = ("optimised image", "top probe patches"), columns: int = 1):
     """A labelled sheet, one row per unit: its label (`row_labels`, may hold several lines), its visualisation
     `vis01` [U, C, H, W] and, when given, its top patches `patches01` [U, k, C, p, p] each captioned with
-    `patch_labels[u][j]`; `title` on top; the rows in `columns` columns. Drawn with PIL (milliseconds, no matplotlib
-    figure). Returns where the images went: {"cell": side, "vis": [(x, y)] per unit, "patches": [[(x, y)] * k] per
-    unit} (top-left corners in the sheet)."""
-    from PIL import Image, ImageDraw
-    U = vis01.shape[0]
+    `patch_labels[u][j]`; `title` on top; the rows in `columns` columns (core.image_sheet.grid_sheet). Returns where
+    the images went: {"cell": side, "vis": [(x, y)] per unit, "patches": [[(x, y)] * k] per unit} (top-left
+    corners in the sheet)."""
     k = 0 if patches01 is None else patches01.shape[1]
-    font = sheet_font()
-    text_w = lambda s: text_size(s, font)[0]  # noqa: E731
-    line_h = text_size("Ag", font)[1] + 3
-    label_w = max([text_w(line) for lab in row_labels for line in str(lab).split("\n")] + [40]) + 12
-    gap, pad = 4, 6
-    row_h = cell + (line_h if k else 0) + gap
-    top = pad + (line_h if title else 0) + line_h
-    block_w = label_w + cell + (gap * 3 + k * (cell + gap) if k else 0) + pad
-    columns = max(1, min(int(columns), U))
-    rows = -(-U // columns)
-    width = max(block_w * columns + pad, text_w(title) + 2 * pad if title else 0)
-    sheet = Image.new("RGB", (width, top + rows * row_h + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
-    y_head = pad + (line_h if title else 0)
-    for col in range(columns):
-        draw.text((col * block_w + label_w, y_head), headers[0], fill=(80, 80, 80), font=font)
-        if k:
-            draw.text((col * block_w + label_w + cell + gap * 3, y_head), headers[1], fill=(80, 80, 80), font=font)
-    boxes = {"cell": cell, "vis": [], "patches": []}
-    for u in range(U):
-        x0, y = (u % columns) * block_w, top + (u // columns) * row_h
-        draw.multiline_text((x0 + pad, y + 2), str(row_labels[u]), fill=(0, 0, 0), font=font, spacing=3)
-        sheet.paste(to_pil(vis01[u], cell), (x0 + label_w, y))
-        boxes["vis"].append((x0 + label_w, y))
-        boxes["patches"].append([])
-        for j in range(k):
-            x = x0 + label_w + cell + gap * 3 + j * (cell + gap)
-            sheet.paste(to_pil(patches01[u, j], cell), (x, y))
-            boxes["patches"][-1].append((x, y))
-            if patch_labels is not None:
-                draw.text((x, y + cell + 1), str(patch_labels[u][j]), fill=(60, 60, 60), font=font)
-    sheet.save(str(path))
-    return boxes
+    cells = [[vis01[u], *(patches01[u] if k else [])] for u in range(vis01.shape[0])]
+    captions = None if patch_labels is None else [[None, *row] for row in patch_labels]
+    layout = grid_sheet(cells, path, row_labels=row_labels, col_headers=list(headers[:1 + bool(k)]), title=title,
+                        cell=cell, captions=captions, columns=columns)
+    return {"cell": layout["cell"], "vis": [row[0] for row in layout["boxes"]],
+            "patches": [row[1:] for row in layout["boxes"]]}
 
 
 def unit_label(unit, pooling: str, concept: str | None = None, owner: str | None = None) -> str:
